@@ -1,0 +1,234 @@
+"""The family artifact on disk (DESIGN.md §2), readable without torch.
+
+    family.json            architecture, exits, tokenizer, provenance, format version, weights hash
+    weights.safetensors    every tensor, under the names of `expected_tensors(config)`
+    tokenizer.json         a `tokenizers` tokenizer (optional for test families)
+    members/<k>/...        exported device parts (written by `flow export-onnx`)
+
+The *family hash* is a SHA-256 over the weights' names, dtypes, shapes and bytes in name order.
+It does not depend on how the file is laid out, so it can be computed from tensors in memory or
+from the file, and every tier can compare it with a peer's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flow.config import FamilyConfig
+from flow.errors import ArtifactError, ConfigError, HashMismatchError
+
+FORMAT = "familial-flow/family"
+FORMAT_VERSION = 1
+FAMILY_JSON = "family.json"
+WEIGHTS_FILE = "weights.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+MEMBERS_DIR = "members"
+
+# ---- tensor names -------------------------------------------------------------------------------
+
+def block_tensor_shapes(config: FamilyConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder block's tensors, by their name inside the block."""
+    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    return {
+        "attn_norm.weight": (h,), "attn.q_proj.weight": (q, h), "attn.k_proj.weight": (kv, h),
+        "attn.v_proj.weight": (kv, h), "attn.o_proj.weight": (h, q), "attn.q_norm.weight": (d,),
+        "attn.k_norm.weight": (d,), "mlp_norm.weight": (h,), "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+    }
+
+
+def expected_tensors(config: FamilyConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a family with `config` stores, with its shape (flow's own names)."""
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, config.hidden_size)}
+    block = block_tensor_shapes(config)
+    for layer in range(config.num_layers):
+        shapes.update({f"blocks.{layer}.{name}": shape for name, shape in block.items()})
+    for k in range(config.num_exits):
+        if k < config.num_exits - 1:
+            shapes.update({f"exits.{k}.block.{name}": shape for name, shape in block.items()})
+        shapes[f"exits.{k}.norm.weight"] = (config.hidden_size,)
+        shapes[f"exits.{k}.head.weight"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+# ---- hashing ------------------------------------------------------------------------------------
+
+TensorEntry = tuple[str, str, tuple[int, ...], memoryview | bytes]  # name, dtype code, shape, bytes
+
+
+def digest_tensors(entries: Iterable[TensorEntry]) -> str:
+    """The family hash of tensors given as (name, safetensors dtype, shape, raw bytes)."""
+    sha = hashlib.sha256()
+    for name, dtype, shape, data in sorted(entries, key=lambda entry: entry[0]):
+        sha.update(json.dumps([name, dtype, list(shape), len(data)]).encode())
+        sha.update(data)
+    return sha.hexdigest()
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names -> dtype, shape, data_offsets)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as err:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def digest_safetensors(path: Path) -> str:
+    """The family hash of a safetensors file, read through mmap without torch."""
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = 8 + struct.unpack("<Q", data[:8])[0]
+        with memoryview(data) as view:  # slices of it are zero-copy windows into the file
+            entries = []
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                entries.append((name, info["dtype"], tuple(info["shape"]), view[start + begin:start + end]))
+            digest = digest_tensors(entries)
+            for entry in entries:
+                entry[3].release()
+            return digest
+
+
+# ---- the manifest (family.json) -----------------------------------------------------------------
+
+
+@dataclass
+class TokenizerInfo:
+    name: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": TOKENIZER_FILE, "sha256": self.sha256}
+
+
+@dataclass
+class FamilyManifest:
+    """The content of family.json."""
+
+    config: FamilyConfig
+    weights_sha256: str
+    weights_dtype: str
+    tokenizer: TokenizerInfo | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family_hash(self) -> str:
+        return self.weights_sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": self.config.to_dict(),
+            "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256,
+                        "dtype": self.weights_dtype},
+            "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: Path) -> FamilyManifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ArtifactError(f"{where} is not a family manifest (no \"format\": \"{FORMAT}\")")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{where} has format_version {version!r}; this flow reads version "
+                                f"{FORMAT_VERSION}. Re-export the family with this version of flow.")
+        try:
+            config = FamilyConfig.from_dict(data["architecture"])
+            weights = data["weights"]
+            tokenizer = data.get("tokenizer")
+            return cls(
+                config=config, weights_sha256=str(weights["sha256"]),
+                weights_dtype=str(weights["dtype"]),
+                tokenizer=TokenizerInfo(tokenizer["name"], tokenizer["sha256"]) if tokenizer else None,
+                provenance=dict(data.get("provenance") or {}))
+        except ConfigError as err:
+            raise ArtifactError(f"{where}: inconsistent architecture: {err}") from None
+        except (KeyError, TypeError) as err:
+            raise ArtifactError(f"{where}: malformed manifest, missing or bad field {err}") from None
+
+
+def is_family_dir(path: Path | str) -> bool:
+    return (Path(path) / FAMILY_JSON).is_file()
+
+
+def read_manifest(path: Path | str, verify: bool = True) -> FamilyManifest:
+    """Read and check a family directory's manifest.
+
+    Checks that the weights file holds exactly the tensors the architecture needs, with the right
+    shapes, and (with `verify`) that their hash is the one recorded; raises `ArtifactError`
+    naming the problem otherwise.
+    """
+    path = Path(path)
+    manifest_path = path / FAMILY_JSON
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory; a family is a directory with {FAMILY_JSON}")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not a family: it has no {FAMILY_JSON} "
+                            f"(build one with `flow new`, `flow import-hf` or `flow train`)")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({err})") from None
+    manifest = FamilyManifest.from_dict(data, manifest_path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ArtifactError(f"{path} has no {WEIGHTS_FILE}")
+    check_tensor_shapes(read_safetensors_header(weights_path), manifest.config, weights_path)
+    if verify:
+        actual = digest_safetensors(weights_path)
+        if actual != manifest.weights_sha256:
+            raise HashMismatchError(
+                f"{weights_path} does not match its manifest: weights hash {actual[:16]}…, "
+                f"family.json records {manifest.weights_sha256[:16]}…; the weights were changed or "
+                f"the copy is incomplete. Copy the family again from its source.")
+        if manifest.tokenizer is not None:
+            tokenizer_path = path / TOKENIZER_FILE
+            if not tokenizer_path.is_file():
+                raise ArtifactError(f"{path} names tokenizer {manifest.tokenizer.name!r} but has no "
+                                    f"{TOKENIZER_FILE}")
+            if file_sha256(tokenizer_path) != manifest.tokenizer.sha256:
+                raise HashMismatchError(f"{tokenizer_path} does not match the hash in {FAMILY_JSON}")
+    return manifest
+
+
+def check_tensor_shapes(header: dict[str, Any], config: FamilyConfig, where: Path) -> None:
+    """Raise `ArtifactError` unless `header` has exactly the tensors `config` needs."""
+    expected = expected_tensors(config)
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{where} does not fit its architecture: missing tensors "
+                            f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected tensors "
+                            f"{extra[:5]}{'…' if len(extra) > 5 else ''}")
+    for name, shape in expected.items():
+        if tuple(header[name]["shape"]) != shape:
+            raise ArtifactError(f"{where}: tensor {name} has shape {tuple(header[name]['shape'])}, "
+                                f"the architecture needs {shape}")
+
+
+def write_manifest(path: Path, manifest: FamilyManifest) -> None:
+    (path / FAMILY_JSON).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()

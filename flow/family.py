@@ -1,0 +1,237 @@
+"""`Family`: a familial model with its tokenizer and provenance, and the artifact it lives in.
+
+    fam = Family.random(FamilyConfig(...), seed=0)          # tiny families for tests
+    fam = Family.from_hf("qwen3_dir", exits=[1, 3])          # import a Qwen3 checkpoint
+    fam.save("fam_dir"); fam = Family.load("fam_dir")       # the artifact of DESIGN.md §2
+    fam.logits(input_ids, exit=k)        # (B, T, vocab) logits of member k
+    fam.handoff(input_ids, exit=k)       # (B, T, hidden) h_e of member k
+    fam.export_hf("member_dir", exit=k)  # member k as a standard Qwen3 directory
+
+`k` indexes `fam.config.exits`; the last exit is the full backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from flow import artifact, hf
+from flow.config import FamilyConfig
+from flow.errors import ArtifactError, ConfigError
+from flow.fsutil import atomic_directory
+from flow.model import FamilyModel
+
+# safetensors' dtype codes, for hashing tensors in memory exactly as `digest_safetensors` does.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float64: "F64", torch.int8: "I8", torch.int64: "I64"}
+_SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses safetensors without it
+
+EOS_TOKEN = "<|endoftext|>"
+
+InputIds = Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+
+
+class Family:
+    """One backbone with exits at several depths; every exit is a deployable member."""
+
+    def __init__(self, model: FamilyModel, *, tokenizer_json: str | None = None,
+                 tokenizer_name: str | None = None, provenance: dict[str, Any] | None = None):
+        self.model = model.eval()
+        self.tokenizer_json = tokenizer_json
+        self.tokenizer_name = tokenizer_name if tokenizer_json is not None else None
+        self.provenance = dict(provenance or {})
+        self._tokenizer = None
+        if tokenizer_json is not None:
+            _check_tokenizer_fits(self.tokenizer, model.config)
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def random(cls, config: FamilyConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+               tokenizer: str | Path | None = None) -> Family:
+        """A randomly initialised family (normal(0, 0.02) weights), the same for the same seed."""
+        model = FamilyModel(config)
+        model.init_weights(torch.Generator().manual_seed(seed))
+        tokenizer_json, tokenizer_name = _read_tokenizer(tokenizer)
+        return cls(model.to(dtype), tokenizer_json=tokenizer_json, tokenizer_name=tokenizer_name,
+                   provenance={"source": "random", "seed": seed})
+
+    @classmethod
+    def from_hf(cls, path: str | Path, exits: Sequence[int], dtype: torch.dtype | None = None) -> Family:
+        """Import a Hugging Face Qwen3 checkpoint (config.json + safetensors).
+
+        `exits` are backbone layer indices; the last layer is always added as the deepest exit.
+        Exit branches start as copies of block `e_k + 1`, the final norm and the LM head. A
+        `tokenizer.json` beside the weights comes along.
+        """
+        path = Path(path)
+        architecture, tied = hf.read_qwen3_config(path)
+        config = FamilyConfig(**architecture, exits=hf.family_exits(list(exits), architecture["num_layers"]))
+        tensors = hf.qwen3_to_family(hf.load_qwen3_tensors(path), config, tied)
+        model = _model_from_tensors(config, tensors, path)
+        if dtype is not None:
+            model = model.to(dtype)
+        tokenizer_path = path / "tokenizer.json"
+        tokenizer_json, tokenizer_name = _read_tokenizer(
+            tokenizer_path if tokenizer_path.is_file() else None, name=path.resolve().name)
+        return cls(model, tokenizer_json=tokenizer_json, tokenizer_name=tokenizer_name,
+                   provenance={"source": "huggingface", "path": str(path.resolve()),
+                               "tied_embeddings": tied})
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Family:
+        """Load and verify a family directory (hash, tensor names and shapes)."""
+        path = Path(path)
+        manifest = artifact.read_manifest(path, verify=True)
+        tensors = load_file(path / artifact.WEIGHTS_FILE, device=device)
+        model = _model_from_tensors(manifest.config, tensors, path)
+        if dtype is not None:
+            model = model.to(dtype)
+        tokenizer_json = None
+        if manifest.tokenizer is not None:
+            tokenizer_json = (path / artifact.TOKENIZER_FILE).read_text()
+        return cls(model, tokenizer_json=tokenizer_json,
+                   tokenizer_name=manifest.tokenizer.name if manifest.tokenizer else None,
+                   provenance=manifest.provenance)
+
+    # ---- the artifact -----------------------------------------------------------------------
+
+    @property
+    def config(self) -> FamilyConfig:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    @property
+    def tokenizer(self):
+        """The `tokenizers.Tokenizer` of this family, or None for tokenizer-less test families."""
+        if self._tokenizer is None and self.tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        return self._tokenizer
+
+    def family_hash(self) -> str:
+        """SHA-256 of the weights (names, dtypes, shapes, bytes): what every tier compares."""
+        entries = []
+        for name, tensor in self.model.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            entries.append((name, _SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape),
+                            tensor.reshape(-1).view(torch.uint8).numpy().data))
+        return artifact.digest_tensors(entries)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> artifact.FamilyManifest:
+        """Write the family directory atomically; return the manifest written to family.json."""
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
+        with atomic_directory(path, overwrite=overwrite) as staging:
+            weights_path = staging / artifact.WEIGHTS_FILE
+            save_file(tensors, weights_path, metadata=_SAFETENSORS_METADATA)
+            tokenizer = None
+            if self.tokenizer_json is not None:
+                tokenizer_path = staging / artifact.TOKENIZER_FILE
+                tokenizer_path.write_text(self.tokenizer_json)
+                tokenizer = artifact.TokenizerInfo(self.tokenizer_name or "unnamed",
+                                                   artifact.file_sha256(tokenizer_path))
+            manifest = artifact.FamilyManifest(
+                config=self.config, weights_sha256=artifact.digest_safetensors(weights_path),
+                weights_dtype=str(self.dtype).removeprefix("torch."), tokenizer=tokenizer,
+                provenance=self.provenance)
+            artifact.write_manifest(staging, manifest)
+        return manifest
+
+    def export_hf(self, path: str | Path, exit: int, overwrite: bool = False) -> Path:
+        """Write member `exit` as a standard Qwen3 directory that `transformers` loads."""
+        self.config.check_exit(exit)
+        state = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
+        tensors = hf.family_to_qwen3(state, self.config, exit)
+        eos_id = self.tokenizer.token_to_id(EOS_TOKEN) if self.tokenizer is not None else None
+        config = hf.qwen3_config(self.config, exit, str(self.dtype).removeprefix("torch."), eos_id)
+        config["familial_flow"] = {"family_hash": self.family_hash(), "exit": exit,
+                                   "exit_layer": self.config.exit_layer(exit)}
+        path = Path(path)
+        with atomic_directory(path, overwrite=overwrite) as staging:
+            save_file(tensors, staging / "model.safetensors", metadata=_SAFETENSORS_METADATA)
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if self.tokenizer_json is not None:
+                (staging / "tokenizer.json").write_text(self.tokenizer_json)
+                (staging / "tokenizer_config.json").write_text(json.dumps({
+                    "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
+                    "model_max_length": self.config.max_seq_len}, indent=2) + "\n")
+        return path
+
+    # ---- running members --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, input_ids: InputIds, exit: int) -> Tensor:
+        """Logits (B, T, vocab) of member `exit` for every position of `input_ids` (B, T) or (T,)."""
+        self.config.check_exit(exit)
+        return self.model(self._as_input_ids(input_ids), exits=[exit])[0]
+
+    @torch.no_grad()
+    def handoff(self, input_ids: InputIds, exit: int) -> Tensor:
+        """h_e (B, T, hidden): the residual stream after block `e_k`, before exit branch k."""
+        exit_layer = self.config.exit_layer(exit)
+        hidden = self.model.embed_tokens(self._as_input_ids(input_ids))
+        return self.model.run_blocks(hidden, 0, exit_layer)
+
+    def _as_input_ids(self, input_ids: InputIds) -> Tensor:
+        ids = torch.as_tensor(np.asarray(input_ids) if not isinstance(input_ids, Tensor) else input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ConfigError(f"input_ids must be a non-empty (T,) or (B, T) array of token ids, "
+                              f"got shape {tuple(ids.shape)} dtype {ids.dtype}")
+        if ids.shape[1] > self.config.max_seq_len:
+            raise ConfigError(f"{ids.shape[1]} tokens exceed this family's context of "
+                              f"{self.config.max_seq_len}; shorten the input")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ConfigError(f"token ids must lie in 0..{self.config.vocab_size - 1}, got {low}..{high}")
+        return ids.to(device=self.model.embed.weight.device, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Family(layers={c.num_layers}, hidden={c.hidden_size}, exits={list(c.exits)}, "
+                f"vocab={c.vocab_size}, dtype={self.dtype})")
+
+
+def _model_from_tensors(config: FamilyConfig, tensors: dict[str, Tensor], where: Path) -> FamilyModel:
+    """Build the model on the meta device and adopt `tensors` as its parameters (no copies)."""
+    with torch.device("meta"):
+        model = FamilyModel(config)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ArtifactError(f"the tensors in {where} do not fit the architecture: {err}") from None
+    return model
+
+
+def _read_tokenizer(path: str | Path | None, name: str | None = None) -> tuple[str | None, str | None]:
+    """The tokenizer's JSON and a name for it (default: its vocabulary size and content hash)."""
+    if path is None:
+        return None, None
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"tokenizer file {path} does not exist; build one with `flow tokenizer`")
+    text = path.read_text()
+    if name is None:
+        vocab = len(json.loads(text).get("model", {}).get("vocab", {}))
+        name = f"bpe{vocab}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return text, name
+
+
+def _check_tokenizer_fits(tokenizer, config: FamilyConfig) -> None:
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size:
+        raise ConfigError(f"the tokenizer has {size} tokens but the family's vocab_size is "
+                          f"{config.vocab_size}; build the family with vocab_size >= {size}")

@@ -1,0 +1,32 @@
+"""Tiny families and checkpoints built on the spot for tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flow import FamilyConfig
+
+
+def tiny_config(**overrides) -> FamilyConfig:
+    fields = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=5, num_heads=4,
+                  num_kv_heads=2, head_dim=12, exits=(1, 2, 4), max_seq_len=64, rope_theta=10000.0)
+    return FamilyConfig(**{**fields, **overrides})
+
+
+def random_qwen3_checkpoint(path: Path, seed: int = 0, tie: bool = False, **shape) -> Path:
+    """A randomly initialised `transformers` Qwen3 checkpoint saved with `save_pretrained`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    fields = dict(vocab_size=101, hidden_size=32, intermediate_size=72, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                  max_position_embeddings=128, tie_word_embeddings=tie)
+    fields.update(shape)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**fields))
+    with torch.no_grad():  # default init leaves norms at 1: perturb them so a swapped norm shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return path

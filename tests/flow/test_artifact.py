@@ -1,0 +1,117 @@
+"""The family directory: bit-exact round trips and refusals that name the problem."""
+
+import json
+
+import pytest
+import torch
+
+from builders import tiny_config
+from flow import ArtifactError, Family, HashMismatchError
+from flow.artifact import FAMILY_JSON, WEIGHTS_FILE, read_manifest
+from flow.family import _read_tokenizer
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_family):
+    manifest = tiny_family.save(tmp_path / "fam")
+    loaded = Family.load(tmp_path / "fam")
+    assert loaded.config == tiny_family.config
+    for (name, a), (name_b, b) in zip(tiny_family.model.state_dict().items(),
+                                      loaded.model.state_dict().items(), strict=True):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b)
+    assert manifest.weights_sha256 == loaded.family_hash() == tiny_family.family_hash()
+    assert loaded.provenance == {"source": "random", "seed": 0}
+
+
+def test_bfloat16_round_trip_keeps_dtype_and_hash(tmp_path):
+    family = Family.random(tiny_config(), seed=1, dtype=torch.bfloat16)
+    manifest = family.save(tmp_path / "fam")
+    assert manifest.weights_dtype == "bfloat16"
+    loaded = Family.load(tmp_path / "fam")
+    assert loaded.dtype == torch.bfloat16 and loaded.family_hash() == manifest.weights_sha256
+
+
+def test_hash_sees_every_tensor(tiny_family):
+    before = tiny_family.family_hash()
+    with torch.no_grad():
+        tiny_family.model.exits[1].norm.weight[3] += 1e-3
+    assert tiny_family.family_hash() != before
+
+
+def test_tampered_weights_are_refused(tmp_path, tiny_family):
+    tiny_family.save(tmp_path / "fam")
+    weights = tmp_path / "fam" / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HashMismatchError, match="weights were changed or the copy is incomplete"):
+        Family.load(tmp_path / "fam")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["architecture"].update(num_layers=6, exits=[1, 2, 5]), "does not fit its architecture"),
+    (lambda m: m["architecture"].update(exits=[1, 3]), "end with the backbone's last layer"),
+    (lambda m: m["architecture"].update(num_kv_heads=3), "multiple of num_kv_heads"),
+    (lambda m: m["architecture"].update(hidden_size=40), "has shape"),
+    (lambda m: m["architecture"].update(colour="blue"), "unknown architecture fields"),
+    (lambda m: m["weights"].update(sha256="0" * 64), "does not match its manifest"),
+    (lambda m: m.update(format_version=99), "format_version 99"),
+    (lambda m: m.pop("weights"), "missing or bad field"),
+])
+def test_tampered_or_inconsistent_manifest_is_refused(tmp_path, tiny_family, edit, message):
+    tiny_family.save(tmp_path / "fam")
+    path = tmp_path / "fam" / FAMILY_JSON
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        Family.load(tmp_path / "fam")
+
+
+def test_a_directory_that_is_not_a_family_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ArtifactError, match="is not a family: it has no family.json"):
+        Family.load(tmp_path / "x")
+    with pytest.raises(ArtifactError, match="is not a directory"):
+        read_manifest(tmp_path / "missing")
+    (tmp_path / "x" / FAMILY_JSON).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(tmp_path / "x")
+
+
+def test_save_never_clobbers_without_overwrite_and_replaces_atomically(tmp_path, tiny_family):
+    tiny_family.save(tmp_path / "fam")
+    with pytest.raises(ArtifactError, match="already exists"):
+        tiny_family.save(tmp_path / "fam")
+    other = Family.random(tiny_config(), seed=9)
+    other.save(tmp_path / "fam", overwrite=True)
+    assert Family.load(tmp_path / "fam").family_hash() == other.family_hash()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fam"]  # no staging left behind
+
+
+def test_failed_save_leaves_nothing_half_written(tmp_path, tiny_family, monkeypatch):
+    import flow.family
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(flow.family.artifact, "write_manifest", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_family.save(tmp_path / "fam")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_travels_with_the_family_and_is_verified(tmp_path, tiny_family):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tok.json"))
+    text, name = _read_tokenizer(tmp_path / "tok.json")
+    family = Family(tiny_family.model, tokenizer_json=text, tokenizer_name=name)
+    family.save(tmp_path / "fam")
+    loaded = Family.load(tmp_path / "fam")
+    assert loaded.tokenizer.encode("a b a").ids == [1, 2, 1]
+    assert loaded.tokenizer_name == name
+    (tmp_path / "fam" / "tokenizer.json").write_text(text.replace('"a"', '"z"'))
+    with pytest.raises(HashMismatchError, match="tokenizer.json does not match"):
+        Family.load(tmp_path / "fam")
