@@ -25,6 +25,7 @@ from torch import Tensor
 
 from flow import artifact, hf
 from flow.config import FamilyConfig
+from flow.data.tokenizer import EOS_TOKEN, vocab_size_of
 from flow.errors import ArtifactError, ConfigError
 from flow.fsutil import atomic_directory
 from flow.model import FamilyModel
@@ -33,8 +34,6 @@ from flow.model import FamilyModel
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.float64: "F64", torch.int8: "I8", torch.int64: "I64"}
 _SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses safetensors without it
-
-EOS_TOKEN = "<|endoftext|>"
 
 InputIds = Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
 
@@ -225,8 +224,7 @@ def _read_tokenizer(path: str | Path | None, name: str | None = None) -> tuple[s
         raise ArtifactError(f"tokenizer file {path} does not exist; build one with `flow tokenizer`")
     text = path.read_text()
     if name is None:
-        vocab = len(json.loads(text).get("model", {}).get("vocab", {}))
-        name = f"bpe{vocab}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        name = f"bpe{vocab_size_of(text)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return text, name
 
 

@@ -1,0 +1,131 @@
+"""`flow new`, `flow info`, `flow import-hf`, `flow export-hf`: make, inspect and convert families."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    new = subcommands.add_parser(
+        "new", help="create a randomly initialised family from a preset",
+        description="Create a randomly initialised family (the starting point of `flow train`, "
+                    "and of tests).")
+    new.add_argument("out", type=Path, help="family directory to write")
+    new.add_argument("--preset", default="tiny", help="architecture preset: tiny or demo (default tiny)")
+    new.add_argument("--tokenizer", type=Path, default=None,
+                     help="tokenizer.json to ship with the family; sets vocab_size to its size")
+    new.add_argument("--exits", type=int, nargs="+", default=None,
+                     help="exit layers (0-indexed); the last layer is always added")
+    new.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    new.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    new.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    new.set_defaults(handler=run_new)
+
+    info = subcommands.add_parser(
+        "info", help="show a family's architecture, exits, members and hash",
+        description="Verify a family directory and describe it: architecture, exits, parameters "
+                    "per member, hash, tokenizer, provenance and exported device members.")
+    info.add_argument("family", type=Path, help="family directory")
+    info.add_argument("--json", action="store_true", help="print family.json plus member sizes as JSON")
+    info.set_defaults(handler=run_info)
+
+    import_hf = subcommands.add_parser(
+        "import-hf", help="turn a Hugging Face Qwen3 checkpoint into a family",
+        description="Import a Qwen3 checkpoint directory (config.json + safetensors). Each exit "
+                    "branch starts as a copy of block e+1, the final norm and the LM head.")
+    import_hf.add_argument("src", type=Path, help="Hugging Face Qwen3 directory")
+    import_hf.add_argument("out", type=Path, help="family directory to write")
+    import_hf.add_argument("--exits", type=int, nargs="+", required=True,
+                           help="exit layers (0-indexed); the last layer is always added")
+    import_hf.add_argument("--dtype", choices=DTYPES, default=None,
+                           help="convert the weights (default: keep the checkpoint's dtype)")
+    import_hf.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    import_hf.set_defaults(handler=run_import_hf)
+
+    export_hf = subcommands.add_parser(
+        "export-hf", help="write one member as a standard Hugging Face Qwen3 directory",
+        description="Write member K (embedding, blocks 0..e_K, exit branch K) as a plain Qwen3 "
+                    "checkpoint with e_K + 2 layers (the last member: all layers).")
+    export_hf.add_argument("family", type=Path, help="family directory")
+    export_hf.add_argument("out", type=Path, help="directory to write")
+    export_hf.add_argument("--exit", type=int, required=True, help="member index K (0 = shallowest)")
+    export_hf.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export_hf.set_defaults(handler=run_export_hf)
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def run_new(args: argparse.Namespace) -> None:
+    from flow.config import preset
+    from flow.data.tokenizer import load_tokenizer
+    from flow.family import Family
+
+    overrides = {}
+    if args.tokenizer is not None:
+        overrides["vocab_size"] = load_tokenizer(args.tokenizer).get_vocab_size(with_added_tokens=True)
+    if args.exits is not None:
+        layers = preset(args.preset).num_layers
+        overrides["exits"] = tuple(sorted(set(args.exits) | {layers - 1}))
+    config = preset(args.preset, **overrides)
+    family = Family.random(config, seed=args.seed, dtype=_torch_dtype(args.dtype), tokenizer=args.tokenizer)
+    manifest = family.save(args.out, overwrite=args.force)
+    print(f"wrote {args.out}: {describe_exits(config)}, hash {manifest.family_hash[:16]}")
+
+
+def run_import_hf(args: argparse.Namespace) -> None:
+    from flow.family import Family
+
+    family = Family.from_hf(args.src, exits=args.exits, dtype=_torch_dtype(args.dtype))
+    manifest = family.save(args.out, overwrite=args.force)
+    print(f"wrote {args.out}: {describe_exits(family.config)}, hash {manifest.family_hash[:16]}")
+
+
+def run_export_hf(args: argparse.Namespace) -> None:
+    from flow.family import Family
+
+    family = Family.load(args.family)
+    family.config.check_exit(args.exit)
+    path = family.export_hf(args.out, exit=args.exit, overwrite=args.force)
+    print(f"wrote {path}: member {args.exit} as a Qwen3 model with "
+          f"{family.config.member_num_layers(args.exit)} layers")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from flow.artifact import MEMBERS_DIR, read_manifest
+
+    manifest = read_manifest(args.family, verify=True)
+    config = manifest.config
+    members = [{"exit": k, "exit_layer": layer, "layers": config.member_num_layers(k),
+                "parameters": config.member_parameters(k),
+                "device_parts": sorted(p.name for p in (args.family / MEMBERS_DIR / str(k)).glob("*.onnx"))}
+               for k, layer in enumerate(config.exits)]
+    if args.json:
+        print(json.dumps({**manifest.to_dict(), "members": members}, indent=2))
+        return
+    c = config
+    print(f"family     {args.family}")
+    print(f"hash       {manifest.family_hash}")
+    print(f"backbone   {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+          f"heads {c.num_heads} (kv {c.num_kv_heads}) x {c.head_dim}, vocab {c.vocab_size}, "
+          f"context {c.max_seq_len}, {manifest.weights_dtype}")
+    print(f"parameters {c.total_parameters():,} stored")
+    tokenizer = manifest.tokenizer.name if manifest.tokenizer else "none"
+    print(f"tokenizer  {tokenizer}")
+    print(f"provenance {json.dumps(manifest.provenance)}")
+    print("members    exit  after layer  layers   parameters  device parts")
+    for m in members:
+        parts = ", ".join(m["device_parts"]) or "-"
+        print(f"           {m['exit']:4d}  {m['exit_layer']:11d}  {m['layers']:6d}  "
+              f"{m['parameters']:11,d}  {parts}")
+
+
+def describe_exits(config) -> str:
+    return f"{config.num_layers} layers, exits after layers {list(config.exits)}"

@@ -1,0 +1,43 @@
+"""`flow`: the command line of familial-flow.
+
+Each subcommand lives in a module that registers its parser; this file only builds the parser,
+dispatches, and turns the errors a user can act on into one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flow.cli import data_commands, family_commands
+from flow.errors import FlowError
+
+COMMAND_MODULES = (data_commands, family_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flow",
+        description="Train one familial model once; deploy every exit from devices to the cloud.",
+        epilog="Run `flow COMMAND --help` for the options of a command.")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(subcommands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except FlowError as err:
+        print(f"flow {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"flow {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpus, tokenizer and token streams for training and evaluating families."""

@@ -1,0 +1,86 @@
+"""The `flow` command line, run as a real process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from builders import random_qwen3_checkpoint
+from flow import Family
+from flow.cli.main import build_parser
+
+FLOW = [sys.executable, "-m", "flow.cli.main"]
+
+
+def flow(*args, check=True):
+    result = subprocess.run([*FLOW, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and result.returncode:
+        raise AssertionError(f"flow {args} failed:\n{result.stderr}")
+    return result
+
+
+def test_every_command_has_help():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"corpus", "tokenizer", "tokenize", "new", "info", "import-hf", "export-hf"} <= set(commands)
+    for name in commands:
+        out = flow(name, "--help").stdout
+        assert f"usage: flow {name}" in out and len(out.splitlines()) > 3
+
+
+def test_new_info_export_round_trip(tmp_path):
+    flow("new", tmp_path / "fam", "--preset", "tiny", "--exits", "0", "2", "--seed", "5")
+    info = json.loads(flow("info", tmp_path / "fam", "--json").stdout)
+    assert info["architecture"]["exits"] == [0, 2, 3]
+    assert [m["layers"] for m in info["members"]] == [2, 4, 4]
+    family = Family.load(tmp_path / "fam")
+    assert info["weights"]["sha256"] == family.family_hash()
+    assert [m["parameters"] for m in info["members"]] == [
+        family.config.member_parameters(k) for k in range(3)]
+    text = flow("info", tmp_path / "fam").stdout
+    assert family.family_hash() in text and "after layer" in text
+
+    flow("export-hf", tmp_path / "fam", tmp_path / "m1", "--exit", "1")
+    from transformers import Qwen3ForCausalLM
+
+    ids = torch.randint(0, family.config.vocab_size, (1, 12))
+    hf = Qwen3ForCausalLM.from_pretrained(tmp_path / "m1", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - family.logits(ids, exit=1)).abs().max() <= 1e-4
+
+
+def test_import_hf_command(tmp_path):
+    src = random_qwen3_checkpoint(tmp_path / "q", num_hidden_layers=3)
+    flow("import-hf", src, tmp_path / "fam", "--exits", "0", "--dtype", "bfloat16")
+    family = Family.load(tmp_path / "fam")
+    assert family.config.exits == (0, 2) and family.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "{tmp}/nothing"], "is not a directory"),
+    (["new", "{tmp}/x", "--preset", "huge"], "unknown preset 'huge'"),
+    (["export-hf", "{fam}", "{tmp}/m", "--exit", "7"], "exit=7 is not a member"),
+    (["new", "{fam}"], "already exists"),
+    (["tokenize", "{tmp}"], "is not a corpus"),
+])
+def test_errors_are_one_clear_line(tmp_path, args, message):
+    fam = tmp_path / "fam"
+    Family.random(__import__("builders").tiny_config(), seed=0).save(fam)
+    result = flow(*(a.format(tmp=tmp_path, fam=fam) for a in args), check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_compose_commands_are_valid_flow_invocations():
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    parser = build_parser()
+    commands = [service["command"] for service in compose["services"].values() if "command" in service]
+    assert commands
+    for command in commands:
+        assert command[0] == "flow"
+        parser.parse_args(command[1:])  # raises SystemExit on an invalid command line

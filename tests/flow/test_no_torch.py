@@ -1,0 +1,40 @@
+"""The core that a device needs imports and works where torch cannot be imported at all."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    # A meta-path finder that refuses torch makes `import torch` fail as on a device install.
+    blocker = textwrap.dedent("""
+        import sys
+        class _NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not installed on this device")
+        sys.meta_path.insert(0, _NoTorch())
+    """)
+    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_flow_core_and_info_work_without_torch(tmp_path, tiny_family):
+    tiny_family.save(tmp_path / "fam")
+    result = run_without_torch(f"""
+        import flow
+        from flow import FamilyConfig, preset
+        from flow.artifact import read_manifest
+        manifest = read_manifest({str(tmp_path / 'fam')!r})
+        assert manifest.family_hash == {tiny_family.family_hash()!r}
+        assert preset("demo").member_parameters(0) > 0
+        from flow.cli.main import main
+        assert main(["info", {str(tmp_path / 'fam')!r}]) == 0
+        assert "torch" not in sys.modules
+        try:
+            flow.Family
+        except ImportError as err:
+            print("Family needs torch:", err)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "Family needs torch: torch is not installed" in result.stdout

@@ -1,0 +1,1 @@
+"""Training the family with megatron-core (issue 3; not built yet)."""
