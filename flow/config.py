@@ -129,6 +129,15 @@ class FamilyConfig:
         return dataclasses.replace(self, **changes)
 
 
+def with_final_exit(exits: list[int] | tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Exit layers as asked plus the backbone's last layer, which is always the deepest exit."""
+    layers = sorted(set(int(e) for e in exits) | {num_layers - 1})
+    bad = [e for e in layers if not 0 <= e < num_layers]
+    if bad:
+        raise ConfigError(f"exits {bad} are outside the backbone's layers 0..{num_layers - 1}")
+    return tuple(layers)
+
+
 # Architectures `flow new --preset` builds. `vocab_size` is replaced by the tokenizer's.
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests and smoke runs: milliseconds per step.

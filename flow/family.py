@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flow import artifact, hf
-from flow.config import FamilyConfig
+from flow.config import FamilyConfig, with_final_exit
 from flow.data.tokenizer import EOS_TOKEN, vocab_size_of
 from flow.errors import ArtifactError, ConfigError
 from flow.fsutil import atomic_directory
@@ -64,6 +64,14 @@ class Family:
                    provenance={"source": "random", "seed": seed})
 
     @classmethod
+    def from_tensors(cls, config: FamilyConfig, tensors: dict[str, Tensor],
+                     tokenizer: str | Path | None = None, provenance: dict[str, Any] | None = None) -> Family:
+        """A family from its tensors under flow's names (what training and converters produce)."""
+        tokenizer_json, tokenizer_name = _read_tokenizer(tokenizer)
+        return cls(_model_from_tensors(config, tensors, Path("<tensors>")), tokenizer_json=tokenizer_json,
+                   tokenizer_name=tokenizer_name, provenance=provenance)
+
+    @classmethod
     def from_hf(cls, path: str | Path, exits: Sequence[int], dtype: torch.dtype | None = None) -> Family:
         """Import a Hugging Face Qwen3 checkpoint (config.json + safetensors).
 
@@ -73,7 +81,7 @@ class Family:
         """
         path = Path(path)
         architecture, tied = hf.read_qwen3_config(path)
-        config = FamilyConfig(**architecture, exits=hf.family_exits(list(exits), architecture["num_layers"]))
+        config = FamilyConfig(**architecture, exits=with_final_exit(exits, architecture["num_layers"]))
         tensors = hf.qwen3_to_family(hf.load_qwen3_tensors(path), config, tied)
         model = _model_from_tensors(config, tensors, path)
         if dtype is not None:

@@ -64,15 +64,6 @@ def read_qwen3_config(src: Path) -> tuple[dict[str, Any], bool]:
     return architecture, bool(hf.get("tie_word_embeddings", False))
 
 
-def family_exits(exits: list[int], num_layers: int) -> tuple[int, ...]:
-    """The exits of an imported family: the requested layers plus the backbone's last one."""
-    layers = sorted(set(int(e) for e in exits) | {num_layers - 1})
-    bad = [e for e in layers if not 0 <= e < num_layers]
-    if bad:
-        raise ConfigError(f"exits {bad} are outside the checkpoint's layers 0..{num_layers - 1}")
-    return tuple(layers)
-
-
 def qwen3_to_family(hf: dict[str, Any], config: FamilyConfig, tied: bool) -> dict[str, Any]:
     """Family tensors from Qwen3 tensors (values are passed through; exit copies are cloned)."""
     def take(name: str) -> Any:

@@ -64,7 +64,7 @@ def _torch_dtype(name: str | None):
 
 
 def run_new(args: argparse.Namespace) -> None:
-    from flow.config import preset
+    from flow.config import preset, with_final_exit
     from flow.data.tokenizer import load_tokenizer
     from flow.family import Family
 
@@ -72,8 +72,7 @@ def run_new(args: argparse.Namespace) -> None:
     if args.tokenizer is not None:
         overrides["vocab_size"] = load_tokenizer(args.tokenizer).get_vocab_size(with_added_tokens=True)
     if args.exits is not None:
-        layers = preset(args.preset).num_layers
-        overrides["exits"] = tuple(sorted(set(args.exits) | {layers - 1}))
+        overrides["exits"] = with_final_exit(args.exits, preset(args.preset).num_layers)
     config = preset(args.preset, **overrides)
     family = Family.random(config, seed=args.seed, dtype=_torch_dtype(args.dtype), tokenizer=args.tokenizer)
     manifest = family.save(args.out, overwrite=args.force)

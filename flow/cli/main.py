@@ -1,13 +1,15 @@
 """`flow`: the command line of familial-flow.
 
-Each subcommand lives in a module that registers its parser; this file only builds the parser,
-dispatches, and turns the errors a user can act on into one clear line.
+Each subcommand lives in a module that registers its parser — flow's own here, the tiers' through
+the `flow.commands` entry points — and this file only builds the parser, dispatches, and turns the
+errors a user can act on into one clear line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 
 from flow.cli import data_commands, family_commands
 from flow.errors import FlowError
@@ -23,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(subcommands)
+    # Tiers add their commands (train, serve, generate, ...) through this entry-point group, so
+    # flow/ never imports them.
+    for plugin in sorted(entry_points(group="flow.commands"), key=lambda e: e.name):
+        plugin.load().register(subcommands)
     return parser
 
 

@@ -1,25 +1,15 @@
 """The `flow` command line, run as a real process."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from builders import random_qwen3_checkpoint
+from builders import random_qwen3_checkpoint, tiny_config
 from flow import Family
 from flow.cli.main import build_parser
-
-FLOW = [sys.executable, "-m", "flow.cli.main"]
-
-
-def flow(*args, check=True):
-    result = subprocess.run([*FLOW, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check and result.returncode:
-        raise AssertionError(f"flow {args} failed:\n{result.stderr}")
-    return result
+from runs import flow
 
 
 def test_every_command_has_help():
@@ -67,7 +57,7 @@ def test_import_hf_command(tmp_path):
 ])
 def test_errors_are_one_clear_line(tmp_path, args, message):
     fam = tmp_path / "fam"
-    Family.random(__import__("builders").tiny_config(), seed=0).save(fam)
+    Family.random(tiny_config(), seed=0).save(fam)
     result = flow(*(a.format(tmp=tmp_path, fam=fam) for a in args), check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and message in result.stderr

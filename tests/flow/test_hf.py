@@ -97,7 +97,7 @@ def test_non_qwen3_checkpoint_is_refused(tmp_path):
 
 def test_import_exit_past_the_last_layer_is_refused(tmp_path):
     src = random_qwen3_checkpoint(tmp_path / "q")
-    with pytest.raises(ConfigError, match=r"exits \[7\] are outside the checkpoint's layers 0..3"):
+    with pytest.raises(ConfigError, match=r"exits \[7\] are outside the backbone's layers 0..3"):
         Family.from_hf(src, exits=[7])
 
 

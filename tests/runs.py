@@ -1,0 +1,40 @@
+"""Running `flow` as a user does (a real process) and reading what a training run wrote."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def write_config(directory: Path, corpus: Path, **sections) -> Path:
+    """A tiny run: 4 layers, exits after layers 0, 1, 2 (both stages when PP=2) and 3."""
+    config = {
+        "model": {"preset": "tiny", "num_layers": 4, "exits": [0, 1, 2], "max_seq_len": 64},
+        "data": {"corpus": str(corpus)},
+        "parallel": {"tensor": 1, "pipeline": 1, "data": 1},
+        "train": {"steps": 5, "seq_len": 32, "micro_batch_size": 2, "global_batch_size": 8,
+                  "lr": 0.003, "warmup_steps": 1},
+        "eval": {"interval": 5, "batches": 2},
+        "checkpoint": {"dir": str(directory / "ckpt"), "interval": 5},
+        "output": str(directory / "family"),
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    path = directory / "config.yaml"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def flow(*args, check=True, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "flow.cli.main", *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode:
+        raise AssertionError(f"flow {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "ckpt" / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,113 @@
+"""megatron-core distributed checkpoints of the model and the optimizer, resumable and reshardable.
+
+    <dir>/iter_0000100/     a megatron dist checkpoint: model and AdamW state as sharded tensors
+    <dir>/latest            the step of the newest complete checkpoint (written last, atomically)
+    <dir>/train_config.json the run's config, beside every checkpoint
+
+A checkpoint is complete only once `latest` names it, so a run killed mid-save resumes from the
+previous one. The model half can be loaded under any (TP, PP) layout (that is how `flow convert`
+reads a TP×PP checkpoint into one process); the optimizer half maps onto the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+
+from flow.errors import ArtifactError
+from flow.fsutil import atomic_file
+
+LATEST = "latest"
+CONFIG_FILE = "train_config.json"
+
+
+def iteration_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def latest_step(root: Path | str) -> int | None:
+    path = Path(root) / LATEST
+    return int(path.read_text().strip()) if path.is_file() else None
+
+
+def resolve(path: Path | str) -> Path:
+    """A checkpoint iteration directory from either itself or its run directory (newest)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    step = latest_step(path)
+    if step is None:
+        raise ArtifactError(f"{path} holds no complete megatron checkpoint (no {LATEST} file and "
+                            f"no metadata.json); point at a run's checkpoint directory")
+    return iteration_dir(path, step)
+
+
+def _optimizer_sharded_state(optimizer: torch.optim.Optimizer, model_state: dict) -> dict:
+    # AdamW's per-parameter "step" is a scalar, not parameter-shaped: it is saved as the run's step.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:  # loading needs the state tensors to exist before AdamW's first step
+        state = optimizer.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+    state = optimizer.state_dict()
+    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_state, params),
+                                  exclude_keys=("step",))
+    return state
+
+
+def save(root: Path, step: int, model, optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+    """Collectively save model and optimizer at `step`; rank 0 then points `latest` at it."""
+    target = iteration_dir(root, step)
+    if dist.get_rank() == 0:
+        shutil.rmtree(target, ignore_errors=True)  # a half-written save of this same step
+        target.mkdir(parents=True)
+    dist.barrier()
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state, "optimizer": _optimizer_sharded_state(optimizer, model_state),
+             "step": step, "extra": extra}
+    dist_checkpointing.save(state, str(target))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with atomic_file(root / LATEST) as tmp:
+            tmp.write_text(f"{step}\n")
+    dist.barrier()
+    return target
+
+
+def load(path: Path, model, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load a checkpoint into this rank's model (and optimizer); return its common state."""
+    model_state = model.sharded_state_dict()
+    state: dict = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_sharded_state(optimizer, model_state)
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"])
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if optimizer is not None:
+        optimizer_state = loaded["optimizer"]
+        for param_state in optimizer_state["state"].values():
+            param_state["step"] = torch.tensor(float(common["step"]))
+        optimizer.load_state_dict(optimizer_state)
+    return {"step": common["step"], "extra": common.get("extra", {})}
+
+
+def write_config(root: Path, config_json: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_file(root / CONFIG_FILE) as tmp:
+        tmp.write_text(config_json)
+
+
+def read_config(root: Path) -> dict:
+    path = root / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{root} has no {CONFIG_FILE}; is it a `flow train` checkpoint directory?")
+    return json.loads(path.read_text())

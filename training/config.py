@@ -1,0 +1,231 @@
+"""The training run's configuration: one file (YAML or TOML), checked before any process starts.
+
+    model:      {preset: demo, exits: [2, 5, 7], ...any FamilyConfig field}
+    init:       {source: random, seed: 0}  |  {source: hf, path: DIR}  |  {source: family, path: DIR}
+    data:       {corpus: runs/demo/corpus}
+    parallel:   {tensor: 1, pipeline: 1, data: 1}
+    train:      {steps, seq_len, micro_batch_size, global_batch_size, lr, min_lr, warmup_steps,
+                 weight_decay, grad_clip, seed, freeze_backbone}
+    exit_loss:  {schedule: constant|warmup|decay, weights: [...], warmup_steps, decay_to}
+    eval:       {interval, batches}
+    checkpoint: {dir, interval}
+    output:     DIR of the family artifact written at the end
+
+The config is saved with every checkpoint and into the family's provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flow.config import PRESETS, FamilyConfig, preset, with_final_exit
+from flow.errors import ConfigError, DataError
+
+VOCAB_MULTIPLE = 128  # padded vocabulary: divisible by any tensor-parallel size up to 128
+
+
+@dataclass
+class ModelSection:
+    preset: str = "demo"
+    overrides: dict[str, Any] = field(default_factory=dict)  # any FamilyConfig field
+
+
+@dataclass
+class InitSection:
+    source: str = "random"  # random | hf | family
+    path: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    corpus: str = "runs/demo/corpus"
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+
+@dataclass
+class TrainSection:
+    steps: int = 300
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    freeze_backbone: bool = False  # train only the exit branches (EE-Tuning / Ruyi2 DaE)
+
+
+@dataclass
+class ExitLossSection:
+    schedule: str = "constant"  # constant | warmup | decay
+    weights: list[float] | None = None  # one per exit; default 1.0 each
+    warmup_steps: int = 100  # warmup: early exits ramp from 0 to their weight
+    decay_to: float = 0.25  # decay: early exits end at this fraction of their weight
+
+
+@dataclass
+class EvalSection:
+    interval: int = 100
+    batches: int = 4
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "runs/demo/checkpoints"
+    interval: int = 100
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    exit_loss: ExitLossSection = field(default_factory=ExitLossSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    output: str = "runs/demo/family"
+
+    # ---- reading and writing ----------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        model = dict(data.pop("model", {}) or {})
+        sections = {"model": ModelSection(preset=model.pop("preset", "demo"), overrides=model)}
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "output") or f.name not in data:
+                continue
+            sections[f.name] = _section(f.type, f.name, data.pop(f.name))
+        if "output" in data:
+            sections["output"] = str(data.pop("output"))
+        if data:
+            raise ConfigError(f"unknown config sections {sorted(data)}; known: "
+                              f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no config file at {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as err:  # yaml and toml raise their own error types
+            raise ConfigError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = {"preset": self.model.preset, **self.model.overrides}
+        return data
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    # ---- derived values ---------------------------------------------------------------------
+
+    def family_config(self, tokenizer_vocab: int | None) -> FamilyConfig:
+        """The architecture: the preset with overrides, vocabulary padded for tensor parallelism."""
+        if self.model.preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {self.model.preset!r}; choose one of {sorted(PRESETS)}")
+        overrides = dict(self.model.overrides)
+        if "exits" in overrides:
+            layers = overrides.get("num_layers", PRESETS[self.model.preset]["num_layers"])
+            overrides["exits"] = with_final_exit(overrides["exits"], layers)
+        if tokenizer_vocab is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return preset(self.model.preset, **overrides)
+
+    @property
+    def num_microbatches(self) -> int:
+        t, p = self.train, self.parallel
+        return t.global_batch_size // (t.micro_batch_size * p.data)
+
+    def exit_weights(self, num_exits: int) -> list[float]:
+        weights = self.exit_loss.weights or [1.0] * num_exits
+        if len(weights) != num_exits:
+            raise ConfigError(f"exit_loss.weights has {len(weights)} entries, the family has "
+                              f"{num_exits} exits")
+        return [float(w) for w in weights]
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def validate(self, family: FamilyConfig, train_tokens: int | None = None) -> None:
+        """Refuse, with what to change, any setting that would fail after processes start."""
+        p, t, e = self.parallel, self.train, self.exit_loss
+        for name in ("tensor", "pipeline", "data"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+        if family.num_heads % p.tensor or family.num_kv_heads % p.tensor:
+            raise ConfigError(
+                f"parallel.tensor={p.tensor} must divide the attention heads ({family.num_heads}) and "
+                f"KV heads ({family.num_kv_heads}); use a tensor size among "
+                f"{[d for d in range(1, family.num_kv_heads + 1) if family.num_kv_heads % d == 0]}")
+        if family.intermediate_size % p.tensor or family.vocab_size % p.tensor:
+            raise ConfigError(f"parallel.tensor={p.tensor} must divide the MLP width "
+                              f"({family.intermediate_size}) and the vocabulary ({family.vocab_size})")
+        if family.num_layers % p.pipeline:
+            raise ConfigError(
+                f"parallel.pipeline={p.pipeline} must divide the {family.num_layers} layers; use one of "
+                f"{[d for d in range(1, family.num_layers + 1) if family.num_layers % d == 0]}")
+        if t.global_batch_size % (t.micro_batch_size * p.data):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x parallel.data ({t.micro_batch_size} x {p.data})")
+        if not 0 < t.seq_len <= family.max_seq_len:
+            raise ConfigError(f"train.seq_len ({t.seq_len}) must lie in 1..{family.max_seq_len} "
+                              f"(the family's context)")
+        if t.steps < 1 or t.lr <= 0 or t.min_lr < 0 or t.warmup_steps < 0:
+            raise ConfigError("train.steps must be >= 1, train.lr > 0, min_lr and warmup_steps >= 0")
+        if e.schedule not in ("constant", "warmup", "decay"):
+            raise ConfigError(f"exit_loss.schedule {e.schedule!r} is not one of constant, warmup, decay")
+        if any(w < 0 for w in self.exit_weights(family.num_exits)):
+            raise ConfigError("exit_loss.weights must be >= 0")
+        if self.init.source not in ("random", "hf", "family"):
+            raise ConfigError(f"init.source {self.init.source!r} is not one of random, hf, family")
+        if self.init.source != "random" and not (self.init.path and Path(self.init.path).is_dir()):
+            raise ConfigError(f"init.path {self.init.path!r} must be an existing directory for "
+                              f"init.source={self.init.source}")
+        if self.eval.interval < 1 or self.checkpoint.interval < 1 or self.eval.batches < 1:
+            raise ConfigError("eval.interval, eval.batches and checkpoint.interval must be >= 1")
+        if train_tokens is not None and train_tokens < t.global_batch_size * (t.seq_len + 1):
+            raise DataError(f"the training split has {train_tokens} tokens, fewer than one global "
+                            f"batch ({t.global_batch_size} x {t.seq_len + 1}); use a larger corpus")
+
+
+def _section(section_type: Any, name: str, data: Any) -> Any:
+    cls = globals()[section_type] if isinstance(section_type, str) else section_type
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} in section {name!r}; known: {sorted(known)}")
+    return cls(**data)

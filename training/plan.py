@@ -1,0 +1,101 @@
+"""Everything a run needs to know before any process starts, checked up front.
+
+`make_plan` resolves the family's architecture (preset + overrides, a Hugging Face checkpoint or
+an existing family), finds the tokenizer and token streams, and validates the whole config; a bad
+config fails here with a message saying what to change, never inside eight worker processes.
+Needs neither torch nor megatron-core.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flow import artifact
+from flow.config import FamilyConfig, with_final_exit
+from flow.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from flow.data.tokens import open_tokens
+from flow.errors import ConfigError, DataError
+from flow.hf import read_qwen3_config
+from training.config import TrainConfig
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    family: FamilyConfig
+    tokenizer: Path
+    train_tokens: int
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.checkpoint.dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.config.to_dict(), "family": self.family.to_dict(),
+                "tokenizer": str(self.tokenizer)}
+
+
+def _tokenizer_for(config: TrainConfig) -> Path:
+    init = config.init
+    if init.source == "random":
+        return Path(config.data.corpus) / TOKENIZER_FILE
+    path = Path(init.path) / (TOKENIZER_FILE)
+    if not path.is_file():
+        raise DataError(f"init.path {init.path} has no {TOKENIZER_FILE}; training needs the tokenizer "
+                        f"the weights were trained with")
+    return path
+
+
+def _family_config(config: TrainConfig, tokenizer_vocab: int) -> FamilyConfig:
+    init = config.init
+    exits = config.model.overrides.get("exits")
+    if init.source == "random":
+        return config.family_config(tokenizer_vocab)
+    if init.source == "hf":
+        architecture, _ = read_qwen3_config(Path(init.path))
+        if exits is None:
+            raise ConfigError("model.exits must list the exit layers when init.source is hf")
+        return FamilyConfig(**architecture, exits=with_final_exit(exits, architecture["num_layers"]))
+    family = artifact.read_manifest(init.path, verify=False).config
+    if exits is not None and with_final_exit(exits, family.num_layers) != family.exits:
+        raise ConfigError(f"model.exits {exits} differ from the exits {list(family.exits)} of "
+                          f"the family in init.path; remove model.exits or start from random/hf")
+    return family
+
+
+def make_plan(config: TrainConfig) -> Plan:
+    """Resolve and validate a run; raise `ConfigError`/`DataError` naming what to change."""
+    corpus = Path(config.data.corpus)
+    if not (corpus / "tokens.json").is_file():
+        raise DataError(f"data.corpus {corpus} has no token streams; build them with "
+                        f"`flow corpus {corpus}`, `flow tokenizer {corpus}` and `flow tokenize {corpus}`")
+    tokenizer_path = _tokenizer_for(config)
+    tokenizer_vocab = load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
+    family = _family_config(config, tokenizer_vocab)
+    if tokenizer_vocab > family.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer_vocab} tokens, more than the model's "
+                          f"vocab_size {family.vocab_size}")
+    train_tokens = len(open_tokens(corpus, "train", tokenizer_path))
+    open_tokens(corpus, "val", tokenizer_path)
+    config.validate(family, train_tokens)
+    return Plan(config, family, tokenizer_path, train_tokens)
+
+
+def check_resumable(plan: Plan) -> None:
+    """Refuse to continue a run directory that was started with another model or data."""
+    path = plan.run_dir / "train_config.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    now = plan.to_dict()
+    for key, what in (("family", "architecture"), ("tokenizer", "tokenizer")):
+        if previous.get(key) != now[key]:
+            raise ConfigError(f"checkpoint.dir {plan.run_dir} holds a run with another {what}; "
+                              f"use a new checkpoint.dir or delete the old one")
+    for section in ("data", "init", "exit_loss"):
+        if previous["train"].get(section) != now["train"][section]:
+            raise ConfigError(f"checkpoint.dir {plan.run_dir} holds a run with a different "
+                              f"`{section}` section; use a new checkpoint.dir to change it")

@@ -1,0 +1,221 @@
+"""One training rank: `python -m training.trainer RUN_DIR` under torchrun (see `training.launch`).
+
+Builds this rank's part of the familial GPT, initialises it from a `Family` (so every parallel
+layout starts from the same weights), wraps it in megatron-core DDP, and runs megatron-core's
+pipeline schedule with a plain AdamW (megatron's optimizer wrappers hard-code CUDA). Per-exit
+losses are reduced over pipeline stages and data-parallel ranks; rank 0 shows a progress bar and
+appends one JSON line per step to RUN_DIR/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flow.config import FamilyConfig
+from flow.data.tokens import open_tokens
+from training import checkpoint
+from training.config import TrainConfig
+from training.data import WindowSampler, rank_microbatches
+from training.distributed import initialize, shutdown
+from training.schedules import exit_loss_weights, learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def initial_tensors(config: TrainConfig, family: FamilyConfig) -> dict[str, torch.Tensor]:
+    """The family weights training starts from: random (seeded), Hugging Face or a family."""
+    from flow.family import Family
+
+    init = config.init
+    if init.source == "random":
+        start = Family.random(family, seed=init.seed)
+    elif init.source == "hf":
+        start = Family.from_hf(init.path, exits=list(family.exits[:-1]), dtype=torch.float32)
+    else:
+        start = Family.load(init.path, dtype=torch.float32)
+    return start.model.state_dict()
+
+
+class Trainer:
+    def __init__(self, run_dir: Path):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+
+        from training.megatron_model import build_model, load_family_weights
+
+        plan = checkpoint.read_config(run_dir)
+        self.run_dir = run_dir
+        self.config = TrainConfig.from_dict(plan["train"])
+        self.family = FamilyConfig.from_dict(plan["family"])
+        tokenizer = Path(plan["tokenizer"])
+        c = self.config
+        initialize(c.parallel.tensor, c.parallel.pipeline, c.train.seed)
+        self.ps = ps
+        self.model = build_model(self.family)
+        load_family_weights(self.model, initial_tensors(c, self.family))
+        if c.train.freeze_backbone:
+            self.model.freeze_backbone()
+        self.ddp = DistributedDataParallel(
+            self.model.config, DistributedDataParallelConfig(overlap_grad_reduce=False), self.model)
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.model.config.no_sync_func = self.ddp.no_sync
+        self.params = [p for p in self.ddp.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=c.train.lr, betas=(0.9, 0.95), eps=1e-8)
+        corpus = Path(c.data.corpus)
+        self.train_sampler = WindowSampler(open_tokens(corpus, "train", tokenizer), c.train.seq_len, c.train.seed)
+        self.val_sampler = WindowSampler(open_tokens(corpus, "val", tokenizer), c.train.seq_len, 0, shuffle=False)
+        self.rank = dist.get_rank()
+        self.step = 0
+        step = checkpoint.latest_step(run_dir)
+        if step is not None:
+            self.step = checkpoint.load(checkpoint.iteration_dir(run_dir, step), self.ddp.module,
+                                        self.optimizer)["step"]
+        if self.rank == 0:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines of steps past the checkpoint we resume from (they will be redone)."""
+        path = self.run_dir / METRICS_FILE
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _forward_backward(self, sampler: WindowSampler, batch_index: int, forward_only: bool,
+                          weights: list[float]) -> list[float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        c, model, last = self.config, self.model, self.family.num_exits - 1
+        num_microbatches = c.num_microbatches
+        model.exit_loss_scales = [w / num_microbatches for w in weights]
+        model.recorded_losses = []
+        batches = rank_microbatches(sampler, batch_index, c.train.global_batch_size,
+                                    c.train.micro_batch_size, self.ps.get_data_parallel_rank(),
+                                    self.ps.get_data_parallel_world_size())
+
+        def forward_step(data_iterator, wrapped):
+            batch = next(data_iterator)
+            output = wrapped(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+
+            def loss_func(loss_per_token):  # (B, T) cross-entropy of the last exit
+                loss = loss_per_token.float().mean()
+                model.recorded_losses.append((last, loss.detach()))
+                return loss * weights[last], {}
+
+            return output, loss_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=batches, model=[self.ddp],
+            num_microbatches=num_microbatches, seq_length=c.train.seq_len,
+            micro_batch_size=c.train.micro_batch_size, forward_only=forward_only)
+        return self._reduce_exit_losses()
+
+    def _reduce_exit_losses(self) -> list[float]:
+        """Mean loss per exit over micro-batches, pipeline stages and data-parallel ranks."""
+        sums = torch.zeros(self.family.num_exits, dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        for k, loss in self.model.recorded_losses:
+            sums[k] += float(loss)
+            counts[k] += 1
+        totals = torch.stack([sums, counts])
+        dist.all_reduce(totals, group=self.ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
+        return (totals[0] / totals[1]).tolist()
+
+    def _clip_and_step(self, lr: float) -> float:
+        from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        for p in self.params:
+            p.grad = p.main_grad  # megatron DDP accumulates (and all-reduces) into main_grad
+        norm_grads = [p.grad for p in self.params if param_is_not_tensor_parallel_duplicate(p)]
+        grad_norm = get_grad_norm_fp32(norm_grads, grad_stats_parallel_group=self.ps.get_model_parallel_group())
+        clip = self.config.train.grad_clip
+        if clip > 0 and grad_norm > clip:
+            torch._foreach_mul_([p.grad for p in self.params], clip / (grad_norm + 1e-6))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return float(grad_norm)
+
+    def train_step(self) -> dict:
+        c = self.config
+        started = time.perf_counter()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none=True)
+        weights = exit_loss_weights(c, self.family.num_exits, self.step)
+        losses = self._forward_backward(self.train_sampler, self.step, False, weights)
+        lr = learning_rate(c.train, self.step)
+        grad_norm = self._clip_and_step(lr)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        return {"step": self.step, "loss": losses, "lambda": weights, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": c.train.global_batch_size * c.train.seq_len / elapsed}
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        weights = [1.0] * self.family.num_exits
+        per_batch = [self._forward_backward(self.val_sampler, i, True, weights)
+                     for i in range(self.config.eval.batches)]
+        return [sum(b[k] for b in per_batch) / len(per_batch) for k in range(self.family.num_exits)]
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None) -> None:
+        from tqdm import tqdm
+
+        c = self.config
+        end = min(c.train.steps, stop_after) if stop_after else c.train.steps
+        bar = tqdm(total=c.train.steps, initial=self.step, desc="train", unit="step",
+                   disable=self.rank != 0, dynamic_ncols=True)
+        record: dict = {}
+        while self.step < end:
+            record = self.train_step()
+            if self.step % c.eval.interval == 0 or self.step == c.train.steps:
+                record["val_loss"] = self.evaluate()
+            if self.step % c.checkpoint.interval == 0 or self.step == end:
+                checkpoint.save(self.run_dir, self.step, self.ddp.module, self.optimizer,
+                                extra={"last_metrics": record})
+            self._log(record, bar)
+        bar.close()
+
+    def _log(self, record: dict, bar) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        losses = " ".join(f"e{k}={loss:.3f}" for k, loss in enumerate(record["loss"]))
+        bar.set_postfix_str(f"{losses} lr={record['lr']:.1e} {record['tokens_per_s']:.0f} tok/s")
+        bar.update(1)
+        if "val_loss" in record:
+            val = " ".join(f"e{k}={loss:.3f}" for k, loss in enumerate(record["val_loss"]))
+            bar.write(f"step {record['step']}: val {val}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One rank of `flow train` (run under torchrun).")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--stop-after", type=int, default=None)
+    args = parser.parse_args(argv)
+    trainer = Trainer(args.run_dir)
+    try:
+        trainer.run(args.stop_after)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
