@@ -1,17 +1,13 @@
 """megatron-core distributed checkpoints of the model and the optimizer, resumable and reshardable.
 
-    <dir>/iter_0000100/     a megatron dist checkpoint: model and AdamW state as sharded tensors
-    <dir>/latest            the step of the newest complete checkpoint (written last, atomically)
-    <dir>/train_config.json the run's config, beside every checkpoint
-
-A checkpoint is complete only once `latest` names it, so a run killed mid-save resumes from the
-previous one. The model half can be loaded under any (TP, PP) layout (that is how `flow convert`
-reads a TP×PP checkpoint into one process); the optimizer half maps onto the same parameters.
+A checkpoint is complete only once the run directory's `latest` names it (`training.run_dir`), so a
+run killed mid-save resumes from the previous one. The model half can be loaded under any (TP, PP)
+layout (that is how `flow convert` reads a TP×PP checkpoint into one process); the optimizer half
+maps onto the same parameters.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -23,32 +19,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 
-from flow.errors import ArtifactError
-from flow.fsutil import atomic_file
-
-LATEST = "latest"
-CONFIG_FILE = "train_config.json"
-
-
-def iteration_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def latest_step(root: Path | str) -> int | None:
-    path = Path(root) / LATEST
-    return int(path.read_text().strip()) if path.is_file() else None
-
-
-def resolve(path: Path | str) -> Path:
-    """A checkpoint iteration directory from either itself or its run directory (newest)."""
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    step = latest_step(path)
-    if step is None:
-        raise ArtifactError(f"{path} holds no complete megatron checkpoint (no {LATEST} file and "
-                            f"no metadata.json); point at a run's checkpoint directory")
-    return iteration_dir(path, step)
+from training.run_dir import iteration_dir, mark_latest
 
 
 def _optimizer_sharded_state(optimizer: torch.optim.Optimizer, model_state: dict) -> dict:
@@ -77,8 +48,7 @@ def save(root: Path, step: int, model, optimizer: torch.optim.Optimizer, extra: 
     dist_checkpointing.save(state, str(target))
     dist.barrier()
     if dist.get_rank() == 0:
-        with atomic_file(root / LATEST) as tmp:
-            tmp.write_text(f"{step}\n")
+        mark_latest(root, step)
     dist.barrier()
     return target
 
@@ -98,16 +68,3 @@ def load(path: Path, model, optimizer: torch.optim.Optimizer | None) -> dict:
             param_state["step"] = torch.tensor(float(common["step"]))
         optimizer.load_state_dict(optimizer_state)
     return {"step": common["step"], "extra": common.get("extra", {})}
-
-
-def write_config(root: Path, config_json: str) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic_file(root / CONFIG_FILE) as tmp:
-        tmp.write_text(config_json)
-
-
-def read_config(root: Path) -> dict:
-    path = root / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{root} has no {CONFIG_FILE}; is it a `flow train` checkpoint directory?")
-    return json.loads(path.read_text())

@@ -12,7 +12,7 @@ import torch
 
 from flow.artifact import FamilyManifest, file_sha256
 from flow.config import FamilyConfig
-from training import checkpoint
+from training import run_dir
 
 
 def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = False) -> FamilyManifest:
@@ -20,12 +20,13 @@ def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = Fa
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from flow.family import Family
+    from training import checkpoint
     from training.convert import megatron_to_family
     from training.distributed import initialize, shutdown
     from training.megatron_model import build_model
 
-    iteration = checkpoint.resolve(path)
-    run = checkpoint.read_config(iteration.parent)
+    iteration = run_dir.resolve(path)
+    run = run_dir.read_config(iteration.parent)
     family_config = FamilyConfig.from_dict(run["family"])
     initialize(tensor=1, pipeline=1, seed=0)
     try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from flow.errors import FlowError
-from training import checkpoint
+from training import run_dir
 from training.config import TrainConfig
 from training.plan import Plan, check_resumable, make_plan
 
@@ -31,7 +31,7 @@ def prepare(config_path: Path | str) -> Plan:
     plan = make_plan(TrainConfig.load(config_path))
     check_resumable(plan)
     _check_devices(plan.config.parallel.world_size)
-    checkpoint.write_config(plan.run_dir, json.dumps(plan.to_dict(), indent=2) + "\n")
+    run_dir.write_config(plan.run_dir, json.dumps(plan.to_dict(), indent=2) + "\n")
     return plan
 
 
@@ -68,7 +68,7 @@ def train(config_path: Path | str, stop_after: int | None = None) -> Path | None
     """Run (or resume) training; return the family directory, or None when stopped early."""
     plan = prepare(config_path)
     run_ranks(plan, stop_after)
-    step = checkpoint.latest_step(plan.run_dir)
+    step = run_dir.latest_step(plan.run_dir)
     if step is None or step < plan.config.train.steps:
         return None
     from training.export import checkpoint_to_family

@@ -23,6 +23,7 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.data import WindowSampler, rank_microbatches
 from training.distributed import initialize, shutdown
+from training.run_dir import iteration_dir, latest_step, read_config
 from training.schedules import exit_loss_weights, learning_rate
 
 METRICS_FILE = "metrics.jsonl"
@@ -45,12 +46,15 @@ def initial_tensors(config: TrainConfig, family: FamilyConfig) -> dict[str, torc
 class Trainer:
     def __init__(self, run_dir: Path):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
 
         from training.megatron_model import build_model, load_family_weights
 
-        plan = checkpoint.read_config(run_dir)
+        plan = read_config(run_dir)
         self.run_dir = run_dir
         self.config = TrainConfig.from_dict(plan["train"])
         self.family = FamilyConfig.from_dict(plan["family"])
@@ -77,9 +81,9 @@ class Trainer:
         self.val_sampler = WindowSampler(open_tokens(corpus, "val", tokenizer), c.train.seq_len, 0, shuffle=False)
         self.rank = dist.get_rank()
         self.step = 0
-        step = checkpoint.latest_step(run_dir)
+        step = latest_step(run_dir)
         if step is not None:
-            self.step = checkpoint.load(checkpoint.iteration_dir(run_dir, step), self.ddp.module,
+            self.step = checkpoint.load(iteration_dir(run_dir, step), self.ddp.module,
                                         self.optimizer)["step"]
         if self.rank == 0:
             self._truncate_metrics()
@@ -164,6 +168,34 @@ class Trainer:
         elapsed = time.perf_counter() - started
         return {"step": self.step, "loss": losses, "lambda": weights, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": c.train.global_batch_size * c.train.seq_len / elapsed}
+
+    @torch.no_grad()
+    def exit_logits(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Full-vocabulary logits (B, T, vocab) of the exits computed on this rank's stage.
+
+        Runs megatron-core's forward-only pipeline schedule on one micro-batch; every rank of
+        a stage returns the same tensors (gathered over tensor parallelism).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        batch, seq_len = input_ids.shape
+        self.model.exit_logits = {}
+        final: list[torch.Tensor] = []
+
+        def forward_step(data_iterator, wrapped):
+            ids = next(data_iterator)
+            output = wrapped(ids, torch.arange(seq_len).expand(batch, seq_len), None)
+            return output, lambda logits, non_loss_data=True: final.append(logits) or logits
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([input_ids]), model=[self.ddp],
+            num_microbatches=1, seq_length=seq_len, micro_batch_size=batch, forward_only=True,
+            collect_non_loss_data=True)
+        logits = dict(self.model.exit_logits)
+        if final:
+            logits[self.family.num_exits - 1] = final[0]
+        return {k: gather_from_tensor_model_parallel_region(v) for k, v in logits.items()}
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:

@@ -1,0 +1,78 @@
+"""`flow train` as a user runs it: resume, refusals before any process starts, schedules."""
+
+import time
+
+import numpy as np
+import pytest
+
+from flow import Family
+from runs import flow, metrics, write_config
+from training.config import TrainConfig
+from training.schedules import exit_loss_weights, learning_rate
+
+
+def test_stopping_and_resuming_gives_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
+    sections = dict(train={"steps": 6}, checkpoint={"interval": 2}, eval={"interval": 3})
+    straight = tmp_path / "straight"
+    flow("train", "--config", write_config(straight, corpus, **sections))
+    resumed = tmp_path / "resumed"
+    config = write_config(resumed, corpus, **sections)
+    out = flow("train", "--config", config, "--stop-after", "3")
+    assert "stopped after step 3" in out.stdout and not (resumed / "family").exists()
+    flow("train", "--config", config)
+    a, b = metrics(straight), metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(y["loss"], x["loss"], rtol=1e-6)
+    assert Family.load(resumed / "family").family_hash() == Family.load(straight / "family").family_hash()
+
+
+def test_frozen_backbone_trains_only_the_early_exits(corpus, tmp_path):
+    flow("train", "--config", write_config(tmp_path, corpus, train={"steps": 2, "freeze_backbone": True},
+                                           checkpoint={"interval": 2}, eval={"interval": 2}))
+    trained = Family.load(tmp_path / "family")
+    start = Family.random(trained.config, seed=0)
+    before, after = start.model.state_dict(), trained.model.state_dict()
+    changed = {name for name in before if not np.array_equal(before[name].numpy(), after[name].numpy())}
+    last = trained.config.num_exits - 1
+    assert changed and all(n.startswith("exits.") and not n.startswith(f"exits.{last}.") for n in changed)
+
+
+@pytest.mark.parametrize("sections, message", [
+    (dict(model={"exits": [0, 9]}), "outside the backbone's layers 0..3"),
+    (dict(parallel={"tensor": 3}), "parallel.tensor=3 must divide the attention heads"),
+    (dict(parallel={"pipeline": 3}), "parallel.pipeline=3 must divide the 4 layers"),
+    (dict(train={"global_batch_size": 7}), "must be a multiple of micro_batch_size x parallel.data"),
+    (dict(data={"corpus": "/nonexistent"}), "has no token streams"),
+    (dict(train={"seq_len": 100}), "must lie in 1..64"),
+    (dict(exit_loss={"weights": [1, 1]}), "has 2 entries, the family has 4 exits"),
+    (dict(train={"learning_rate": 1}), "unknown keys ['learning_rate'] in section 'train'"),
+])
+def test_bad_configs_are_refused_before_any_process_starts(corpus, tmp_path, sections, message):
+    started = time.perf_counter()
+    result = flow("train", "--config", write_config(tmp_path, corpus, **sections), check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "ckpt").exists()
+    assert time.perf_counter() - started < 30  # no torchrun, no megatron import
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    train = TrainConfig.from_dict({"train": {"steps": 100, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10}}).train
+    assert learning_rate(train, 0) == pytest.approx(0.1)
+    assert learning_rate(train, 9) == pytest.approx(1.0)
+    assert learning_rate(train, 55) == pytest.approx(0.55)
+    assert learning_rate(train, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    ("constant", 50, [2.0, 1.0, 1.0]),
+    ("warmup", 0, [0.0, 0.0, 1.0]),
+    ("warmup", 5, [1.0, 0.5, 1.0]),
+    ("warmup", 50, [2.0, 1.0, 1.0]),
+    ("decay", 0, [2.0, 1.0, 1.0]),
+    ("decay", 10, [1.0, 0.5, 1.0]),
+])
+def test_exit_loss_schedules(schedule, step, expected):
+    config = TrainConfig.from_dict({"train": {"steps": 11}, "exit_loss": {
+        "schedule": schedule, "weights": [2.0, 1.0, 1.0], "warmup_steps": 10, "decay_to": 0.5}})
+    assert exit_loss_weights(config, 3, step) == pytest.approx(expected)
