@@ -1,12 +1,12 @@
 # Two entry points, both self-installing on a fresh machine:
-#   make demo   build (and later train, export and serve) a small family end to end
+#   make demo   build the data, train the demo family with megatron-core, show and export it
 #   make test   the test suite
 # The virtual environment lives in .venv and is reused until pyproject.toml changes.
 
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-RUN    ?= runs/demo
+RUN    := runs/demo  # configs/demo.yaml reads and writes here
 
 .PHONY: demo test lint clean
 
@@ -34,8 +34,10 @@ $(RUN)/corpus/tokenizer.json: $(RUN)/corpus/corpus.json
 $(RUN)/corpus/tokens.json: $(RUN)/corpus/tokenizer.json
 	$(BIN)/flow tokenize $(RUN)/corpus
 
-$(RUN)/family/family.json: $(RUN)/corpus/tokens.json
-	$(BIN)/flow new $(RUN)/family --preset demo --tokenizer $(RUN)/corpus/tokenizer.json --force
+# configs/demo.yaml reads runs/demo/corpus and writes runs/demo/{checkpoints,family}; a stopped
+# run resumes from its newest checkpoint.
+$(RUN)/family/family.json: $(RUN)/corpus/tokens.json configs/demo.yaml
+	$(BIN)/flow train --config configs/demo.yaml
 
 demo: $(RUN)/family/family.json
 	$(BIN)/flow info $(RUN)/family

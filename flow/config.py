@@ -146,6 +146,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Trains on a 2-core CPU in minutes and already shows distinct exits.
     "demo": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=8, num_heads=4,
                  num_kv_heads=2, head_dim=64, exits=(2, 5, 7), max_seq_len=512),
+    # Where a GPU user starts: members of 5, 9 and 16 layers (0.08, 0.11, 0.15 B parameters).
+    "small": dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_layers=16,
+                  num_heads=12, num_kv_heads=4, head_dim=64, exits=(3, 7, 15), max_seq_len=2048),
+    # Qwen3-0.6B's shape (28 layers, GQA 16/8, head_dim 128) with four exits (0.44 .. 0.75 B).
+    "base": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                 num_heads=16, num_kv_heads=8, head_dim=128, exits=(6, 13, 20, 27), max_seq_len=4096),
 }
 
 

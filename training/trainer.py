@@ -55,6 +55,7 @@ class Trainer:
         from training.megatron_model import build_model, load_family_weights
 
         plan = read_config(run_dir)
+        self.plan = plan
         self.run_dir = run_dir
         self.config = TrainConfig.from_dict(plan["train"])
         self.family = FamilyConfig.from_dict(plan["family"])
@@ -220,7 +221,7 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
             if self.step % c.checkpoint.interval == 0 or self.step == end:
                 checkpoint.save(self.run_dir, self.step, self.ddp.module, self.optimizer,
-                                extra={"last_metrics": record})
+                                extra={"last_metrics": record, "run": self.plan})
             self._log(record, bar)
         bar.close()
 

@@ -118,12 +118,24 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"parameters {c.total_parameters():,} stored")
     tokenizer = manifest.tokenizer.name if manifest.tokenizer else "none"
     print(f"tokenizer  {tokenizer}")
-    print(f"provenance {json.dumps(manifest.provenance)}")
+    print(f"provenance {describe_provenance(manifest.provenance)}")
     print("members    exit  after layer  layers   parameters  device parts")
     for m in members:
         parts = ", ".join(m["device_parts"]) or "-"
         print(f"           {m['exit']:4d}  {m['exit_layer']:11d}  {m['layers']:6d}  "
               f"{m['parameters']:11,d}  {parts}")
+
+
+def describe_provenance(provenance: dict) -> str:
+    """One line: where the weights came from and, for trained families, how far they got."""
+    parts = [str(provenance.get("source", "unknown"))]
+    for key in ("seed", "path", "steps"):
+        if key in provenance:
+            parts.append(f"{key} {provenance[key]}")
+    val_loss = provenance.get("metrics", {}).get("val_loss")
+    if val_loss:
+        parts.append("val loss " + " ".join(f"e{k}={loss:.3f}" for k, loss in enumerate(val_loss)))
+    return ", ".join(parts) + " (flow info --json for all)"
 
 
 def describe_exits(config) -> str:

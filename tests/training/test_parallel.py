@@ -43,3 +43,11 @@ def test_converted_family_reproduces_megatron_validation_losses(reference, corpu
         losses.append(torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item())
     np.testing.assert_allclose(losses, metrics(reference)[-1]["val_loss"], rtol=1e-4)
+
+
+def test_flow_convert_rebuilds_the_same_family_from_the_checkpoint(reference, tmp_path):
+    out = flow("convert", reference / "ckpt", tmp_path / "again")
+    assert "5 steps" in out.stdout
+    assert Family.load(tmp_path / "again").family_hash() == Family.load(reference / "family").family_hash()
+    refused = flow("convert", tmp_path, tmp_path / "x", check=False)
+    assert refused.returncode == 1 and "holds no complete megatron checkpoint" in refused.stderr

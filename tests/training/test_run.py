@@ -76,3 +76,30 @@ def test_exit_loss_schedules(schedule, step, expected):
     config = TrainConfig.from_dict({"train": {"steps": 11}, "exit_loss": {
         "schedule": schedule, "weights": [2.0, 1.0, 1.0], "warmup_steps": 10, "decay_to": 0.5}})
     assert exit_loss_weights(config, 3, step) == pytest.approx(expected)
+
+
+def test_training_starts_from_a_hugging_face_checkpoint(corpus, tmp_path):
+    """Step 1's loss (measured before the first update) is the checkpoint's own loss by transformers."""
+    import shutil
+
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from builders import random_qwen3_checkpoint
+    from flow.data.tokens import open_tokens
+    from training.data import WindowSampler
+
+    src = random_qwen3_checkpoint(tmp_path / "qwen3", vocab_size=512, num_hidden_layers=4,
+                                  max_position_embeddings=64)
+    shutil.copy(corpus / "tokenizer.json", src / "tokenizer.json")
+    flow("train", "--config", write_config(tmp_path / "run", corpus, model={"exits": [1]},
+                                           init={"source": "hf", "path": str(src)},
+                                           train={"steps": 1}, checkpoint={"interval": 1}))
+    first = metrics(tmp_path / "run")[0]["loss"]
+    windows = torch.from_numpy(WindowSampler(open_tokens(corpus, "train"), 32, seed=0).windows(0, 8))
+    hf = Qwen3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(windows[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), windows[:, 1:].reshape(-1)).item()
+    assert first[-1] == pytest.approx(expected, rel=1e-4)
+    assert Family.load(tmp_path / "run" / "family").config.exits == (1, 3)

@@ -1,0 +1,38 @@
+"""What every benchmark shares: where results go, and writing them without half-written files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python bench/x.py` from anywhere in the checkout
+
+from flow.fsutil import atomic_file  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+
+def machine() -> dict:
+    import os
+
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "platform": platform.platform(),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_json(name: str, data: dict) -> Path:
+    path = RESULTS / f"{name}.json"
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
+    return path
+
+
+def save_figure(figure, name: str) -> Path:
+    path = RESULTS / f"{name}.png"
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
