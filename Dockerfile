@@ -8,5 +8,6 @@ COPY device ./device
 COPY cloud ./cloud
 COPY training ./training
 COPY protos ./protos
+COPY configs ./configs
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -e '.[cloud,train]'
 ENTRYPOINT []

@@ -7,6 +7,7 @@ GPU, `enable()` redirects exactly those calls to the CPU:
 - `torch.cuda.current_device()` -> the CPU device;
 - `torch.cuda.{get_rng_state, set_rng_state, manual_seed, manual_seed_all, synchronize}` and
   megatron's `tensor_parallel.random._{get,set}_cuda_rng_state` -> the CPU generator;
+- megatron's warning that the CPU RNG moved inside a GPU RNG fork is filtered (they are one RNG);
 - a `TorchFunctionMode` that rewrites `device="cuda"` (or a CUDA index) arguments to the CPU and
   makes `Tensor.cuda()` a no-op.
 
@@ -16,6 +17,8 @@ optimizer wrappers allocate CUDA tensors directly.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -72,5 +75,9 @@ def enable() -> None:
     torch.cuda.synchronize = lambda device=None: None
     tp_random._get_cuda_rng_state = get_rng_state
     tp_random._set_cuda_rng_state = set_rng_state
+    # megatron's RNG tracker warns when the CPU RNG moves inside a "GPU" RNG fork; here the GPU
+    # RNG *is* the CPU RNG, so every forked initialisation would print that warning.
+    logging.getLogger(tp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
     _active_mode = _CudaToCpu()
     _active_mode.__enter__()

@@ -64,7 +64,9 @@ class Trainer:
         initialize(c.parallel.tensor, c.parallel.pipeline, c.train.seed)
         self.ps = ps
         self.model = build_model(self.family)
-        load_family_weights(self.model, initial_tensors(c, self.family))
+        resume_step = latest_step(run_dir)
+        if resume_step is None:  # a resumed run gets its weights from the checkpoint below
+            load_family_weights(self.model, initial_tensors(c, self.family))
         if c.train.freeze_backbone:
             self.model.freeze_backbone()
         self.ddp = DistributedDataParallel(
@@ -82,9 +84,8 @@ class Trainer:
         self.val_sampler = WindowSampler(open_tokens(corpus, "val", tokenizer), c.train.seq_len, 0, shuffle=False)
         self.rank = dist.get_rank()
         self.step = 0
-        step = latest_step(run_dir)
-        if step is not None:
-            self.step = checkpoint.load(iteration_dir(run_dir, step), self.ddp.module,
+        if resume_step is not None:
+            self.step = checkpoint.load(iteration_dir(run_dir, resume_step), self.ddp.module,
                                         self.optimizer)["step"]
         if self.rank == 0:
             self._truncate_metrics()
