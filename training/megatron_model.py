@@ -51,18 +51,18 @@ def transformer_config(family: FamilyConfig, tensor: int, pipeline: int,
         gradient_accumulation_fusion=False, persist_layer_norm=on_gpu, bias_activation_fusion=on_gpu)
 
 
-def layer_spec() -> ModuleSpec:
-    """Transformer Engine's layer spec on a GPU where it is installed, else megatron's local spec."""
+def layer_spec() -> tuple[str, ModuleSpec]:
+    """("transformer_engine", spec) on a GPU where TE imports, else ("local", megatron's local spec)."""
     if torch.cuda.is_available():
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
                 get_gpt_layer_with_transformer_engine_spec,
             )
 
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+            return "transformer_engine", get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
         except (ImportError, AssertionError):
-            pass
-    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+            pass  # no Transformer Engine: the local spec runs everywhere (the trainer says which)
+    return "local", get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 
 class ExitLoss(torch.autograd.Function):
@@ -179,7 +179,7 @@ def build_model(family: FamilyConfig, dtype: torch.dtype = torch.float32,
     """This rank's part of the family as a megatron-core model (parallel state must be set up)."""
     shard = current_shard()
     config = transformer_config(family, shard.tp_size, shard.pp_size, dtype)
-    return FamilialGPT(family, config, spec or layer_spec(), shard)
+    return FamilialGPT(family, config, spec or layer_spec()[1], shard)
 
 
 def load_family_weights(model: FamilialGPT, tensors: dict[str, Tensor]) -> None:
