@@ -88,7 +88,9 @@ class KVCache:
 class FamilyCache:
     """The KV caches one sequence batch needs: backbone layers and exit-branch blocks.
 
-    An exit block's cache is its own; it is not the cache of backbone block `e_k + 1`.
+    An exit block's cache is its own; it is not the cache of backbone block `e_k + 1`. Any
+    object with `update(positions, key, value) -> (keys, values)` serves as a layer's cache
+    (the ONNX export passes one that concatenates an explicit past).
     """
 
     blocks: dict[int, KVCache] = field(default_factory=dict)  # backbone layer -> cache
@@ -217,27 +219,32 @@ class FamilyModel(nn.Module):
         return self.embed(input_ids)  # (B, T, hidden)
 
     def run_blocks(self, hidden: Tensor, first: int, last: int, positions: Tensor | None = None,
-                   cache: FamilyCache | None = None) -> Tensor:
-        """Backbone blocks `first..last` (inclusive) on the residual stream `hidden` (B, T, hidden)."""
+                   cache: FamilyCache | None = None, mask: Tensor | None = None) -> Tensor:
+        """Backbone blocks `first..last` (inclusive) on the residual stream `hidden` (B, T, hidden).
+
+        `mask` (B, 1, T, S), True where a query may attend, replaces the mask derived from
+        `positions` when keys do not sit at their positions' slots (left padding, exported caches).
+        """
         if not 0 <= first <= last + 1 <= self.config.num_layers:
             raise ValueError(f"block range {first}..{last} is outside 0..{self.config.num_layers - 1}")
-        positions, cos, sin, mask = self._prepare(hidden, positions, cache)
+        positions, cos, sin, mask = self._prepare(hidden, positions, cache, mask)
         for layer in range(first, last + 1):
             layer_cache = _lookup(cache.blocks, layer, "backbone layer") if cache is not None else None
             hidden = self.blocks[layer](hidden, cos, sin, mask, positions, layer_cache)
         return hidden
 
     def run_exit(self, handoff_hidden: Tensor, exit: int, positions: Tensor | None = None,
-                 cache: FamilyCache | None = None) -> Tensor:
+                 cache: FamilyCache | None = None, mask: Tensor | None = None) -> Tensor:
         """Exit branch `exit` on `h_e` (B, T, hidden): logits (B, T, vocab)."""
-        positions, cos, sin, mask = self._prepare(handoff_hidden, positions, cache)
+        positions, cos, sin, mask = self._prepare(handoff_hidden, positions, cache, mask)
         branch = self.exits[exit]
         exit_cache = (_lookup(cache.exits, exit, "exit branch")
                       if cache is not None and branch.block is not None else None)
         return branch(handoff_hidden, cos, sin, mask, positions, exit_cache)
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None,
-                exits: list[int] | None = None, cache: FamilyCache | None = None) -> list[Tensor]:
+                exits: list[int] | None = None, cache: FamilyCache | None = None,
+                mask: Tensor | None = None) -> list[Tensor]:
         """Logits (B, T, vocab) of the requested exits (default: all), one pass through the backbone.
 
         Training calls this with all exits; inference asks for one and the backbone stops at its
@@ -247,8 +254,8 @@ class FamilyModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         logits, first = [], 0
         for k in exits:
-            hidden = self.run_blocks(hidden, first, self.config.exits[k], positions, cache)
-            logits.append(self.run_exit(hidden, k, positions, cache))
+            hidden = self.run_blocks(hidden, first, self.config.exits[k], positions, cache, mask)
+            logits.append(self.run_exit(hidden, k, positions, cache, mask))
             first = self.config.exits[k] + 1
         return logits
 
@@ -265,13 +272,14 @@ class FamilyModel(nn.Module):
         return FamilyCache(blocks={layer: make() for layer in layers},
                            exits={k: make() for k in exits if self.exits[k].block is not None})
 
-    def _prepare(self, hidden: Tensor, positions: Tensor | None,
-                 cache: FamilyCache | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _prepare(self, hidden: Tensor, positions: Tensor | None, cache: FamilyCache | None,
+                 mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, T, _ = hidden.shape
         positions = as_positions(positions, B, T, hidden.device)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        max_seq_len = _cache_length(cache)
-        return positions, cos, sin, attention_mask(positions, max_seq_len)
+        if mask is None:
+            mask = attention_mask(positions, _cache_length(cache))
+        return positions, cos, sin, mask
 
     # ---- initialisation ---------------------------------------------------------------------
 

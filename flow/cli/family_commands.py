@@ -56,6 +56,29 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     export_hf.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export_hf.set_defaults(handler=run_export_hf)
 
+    register_export_onnx(subcommands)
+
+
+def register_export_onnx(subcommands: argparse._SubParsersAction) -> None:
+    export_onnx = subcommands.add_parser(
+        "export-onnx", help="export members as ONNX graphs for devices (ONNX Runtime)",
+        description="Export member K (default: every member) as FAMILY/members/<K>/device.onnx: "
+                    "embedding, blocks 0..e_K and exit branch K in one graph, KV cache as explicit "
+                    "inputs/outputs, the family hash in its metadata.")
+    export_onnx.add_argument("family", type=Path, help="family directory")
+    export_onnx.add_argument("--exit", type=int, action="append", default=None,
+                             help="member to export (repeatable; default all)")
+    export_onnx.add_argument("--int8", action="store_true",
+                             help="also write device.int8.onnx (dynamic int8 MatMuls, per channel)")
+    export_onnx.set_defaults(handler=run_export_onnx)
+
+
+def run_export_onnx(args: argparse.Namespace) -> None:
+    from flow.onnx_export import export_family_members
+
+    for path in export_family_members(args.family, args.exit, int8=args.int8):
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+
 
 def _torch_dtype(name: str | None):
     import torch

@@ -1,0 +1,87 @@
+"""The exported device member under ONNX Runtime against the reference model."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from builders import tiny_config
+from flow import Family
+from flow.onnx_export import export_member
+
+
+@pytest.fixture(scope="module")
+def family():
+    return Family.random(tiny_config(), seed=3)
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["early-exit", "last-exit"])
+def exported(request, family, tmp_path_factory):
+    path = export_member(family, request.param, tmp_path_factory.mktemp("onnx") / "device.onnx")
+    return request.param, path
+
+
+def test_metadata_names_the_family_and_member(family, exported):
+    exit, path = exported
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert meta["family_hash"] == family.family_hash()
+    assert meta["exit"] == str(exit) and meta["exit_layer"] == str(family.config.exits[exit])
+    expected_layers = family.config.exits[exit] + (2 if exit < 2 else 1)
+    assert meta["num_cache_layers"] == str(expected_layers)
+
+
+def test_prefill_and_decode_with_left_padding_match_the_reference(family, exported):
+    exit, path = exported
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    config = family.config
+    layers = int({p.key: p.value for p in onnx.load(path).metadata_props}["num_cache_layers"])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (5, 9)]
+    width = max(map(len, prompts))
+    input_ids = np.array([[0] * (width - len(p)) + p for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    position_ids = np.maximum(mask.cumsum(1) - 1, 0)
+    past = {f"past_key_values.{i}.{kind}": np.zeros((2, config.num_kv_heads, 0, config.head_dim), np.float32)
+            for i in range(layers) for kind in ("key", "value")}
+    sequences = [list(p) for p in prompts]
+    for step in range(9):  # the prefill, then 8 decode steps fed with ORT's own presents
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
+            "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, **past}),
+            strict=True))
+        for row, tokens in enumerate(sequences):
+            count = input_ids.shape[1] if step else len(prompts[row])
+            reference_logits = family.logits(tokens, exit=exit)[0, -count:].numpy()
+            reference_handoff = family.handoff(tokens, exit=exit)[0, -count:].numpy()
+            np.testing.assert_allclose(outputs["logits"][row, -count:], reference_logits, atol=1e-4)
+            np.testing.assert_allclose(outputs["handoff_hidden"][row, -count:], reference_handoff, atol=1e-4)
+        next_tokens = outputs["logits"][:, -1].argmax(-1)
+        for row, token in enumerate(next_tokens):
+            sequences[row].append(int(token))
+        past = {name.replace("present", "past_key_values"): value
+                for name, value in outputs.items() if name.startswith("present.")}
+        input_ids = next_tokens[:, None].astype(np.int64)
+        position_ids = position_ids[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    assert all(len(s) == len(p) + 9 for s, p in zip(sequences, prompts, strict=True))
+
+
+def test_exported_graph_uses_onnx_attention(exported):
+    _, path = exported
+    assert "Attention" in {node.op_type for node in onnx.load(path).graph.node}
+
+
+def test_export_onnx_command_writes_members_into_the_family(tmp_path, family):
+    from runs import flow
+
+    family.save(tmp_path / "fam")
+    out = flow("export-onnx", tmp_path / "fam", "--exit", "0", "--int8")
+    assert "device.onnx" in out.stdout and "device.int8.onnx" in out.stdout
+    member = tmp_path / "fam" / "members" / "0"
+    meta = {p.key: p.value for p in onnx.load(member / "device.int8.onnx").metadata_props}
+    assert meta["weights"] == "int8" and meta["family_hash"] == family.family_hash()
+    session = ort.InferenceSession(member / "device.int8.onnx", providers=["CPUExecutionProvider"])
+    assert "present.0.key" in [o.name for o in session.get_outputs()]
+    info = flow("info", tmp_path / "fam").stdout
+    assert "device.int8.onnx, device.onnx" in info
+    refused = flow("export-onnx", tmp_path / "fam", "--exit", "5", check=False)
+    assert refused.returncode == 1 and "exit=5 is not a member" in refused.stderr
