@@ -1,12 +1,13 @@
 # Two entry points, both self-installing on a fresh machine:
-#   make demo   build the data, train the demo family with megatron-core, show and export it
+#   make demo   build the data, train the demo family with megatron-core, export its members
 #   make test   the test suite
 # The virtual environment lives in .venv and is reused until pyproject.toml changes.
 
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-RUN    := runs/demo  # configs/demo.yaml reads and writes here
+# configs/demo.yaml reads and writes under runs/demo.
+RUN    := runs/demo
 
 .PHONY: demo test lint clean
 
@@ -40,6 +41,7 @@ $(RUN)/family/family.json: $(RUN)/corpus/tokens.json configs/demo.yaml
 	$(BIN)/flow train --config configs/demo.yaml
 
 demo: $(RUN)/family/family.json
+	$(BIN)/flow export-onnx $(RUN)/family --int8
 	$(BIN)/flow info $(RUN)/family
 	$(BIN)/flow export-hf $(RUN)/family $(RUN)/member0-hf --exit 0 --force
 
