@@ -17,6 +17,7 @@ ONNX `Attention`. The family hash, exit, layers and dimensions go into the model
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,10 @@ def export_member(family, exit: int, path: Path | str) -> Path:
     from flow.fsutil import atomic_file
 
     config = family.config
-    member = DeviceMember(family.model.float().eval(), exit)
+    model = family.model
+    if family.dtype != torch.float32:  # export in fp32 without converting the caller's family
+        model = copy.deepcopy(model).float()
+    member = DeviceMember(model.eval(), exit)
     n = member.num_cache_layers
     batch, seq, past = 2, 3, 4
     kv_shape = (batch, config.num_kv_heads, past, config.head_dim)

@@ -30,8 +30,8 @@ def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = Fa
     family_config = FamilyConfig.from_dict(run["family"])
     initialize(tensor=1, pipeline=1, seed=0)
     try:
-        model = build_model(family_config, spec=get_gpt_layer_local_spec(qk_layernorm=True,
-                                                                         normalization="RMSNorm"))
+        local_spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        model = build_model(family_config, spec=("local", local_spec))
         common = checkpoint.load(iteration, model, optimizer=None)
         tensors = megatron_to_family(model.state_dict(), family_config)
     finally:

@@ -175,11 +175,18 @@ def current_shard() -> Shard:
 
 
 def build_model(family: FamilyConfig, dtype: torch.dtype = torch.float32,
-                spec: ModuleSpec | None = None) -> FamilialGPT:
-    """This rank's part of the family as a megatron-core model (parallel state must be set up)."""
+                spec: tuple[str, ModuleSpec] | None = None) -> FamilialGPT:
+    """This rank's part of the family as a megatron-core model (parallel state must be set up).
+
+    `spec` is (name, layer spec); by default `layer_spec()` picks. The model records the name in
+    `layer_spec_name` so logs say which implementation runs.
+    """
     shard = current_shard()
     config = transformer_config(family, shard.tp_size, shard.pp_size, dtype)
-    return FamilialGPT(family, config, spec or layer_spec()[1], shard)
+    spec_name, module_spec = spec or layer_spec()
+    model = FamilialGPT(family, config, module_spec, shard)
+    model.layer_spec_name = spec_name
+    return model
 
 
 def load_family_weights(model: FamilialGPT, tensors: dict[str, Tensor]) -> None:

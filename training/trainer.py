@@ -211,13 +211,11 @@ class Trainer:
     def run(self, stop_after: int | None) -> None:
         from tqdm import tqdm
 
-        from training.megatron_model import layer_spec
-
         c = self.config
         if self.rank == 0:
             backend = dist.get_backend()
             print(f"flow train: {dist.get_world_size()} ranks (TP={c.parallel.tensor} PP={c.parallel.pipeline} "
-                  f"DP={c.parallel.data}), {backend}, {layer_spec()[0]} layer spec, starting at step "
+                  f"DP={c.parallel.data}), {backend}, {self.model.layer_spec_name} layer spec, starting at step "
                   f"{self.step} of {c.train.steps}", flush=True)
         end = min(c.train.steps, stop_after) if stop_after else c.train.steps
         bar = tqdm(total=c.train.steps, initial=self.step, desc="train", unit="step",

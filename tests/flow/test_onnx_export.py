@@ -85,3 +85,12 @@ def test_export_onnx_command_writes_members_into_the_family(tmp_path, family):
     assert "device.int8.onnx, device.onnx" in info
     refused = flow("export-onnx", tmp_path / "fam", "--exit", "5", check=False)
     assert refused.returncode == 1 and "exit=5 is not a member" in refused.stderr
+
+
+def test_exporting_a_bfloat16_family_leaves_the_family_untouched(tmp_path):
+    import torch
+
+    family = Family.random(tiny_config(), seed=1, dtype=torch.bfloat16)
+    before = family.family_hash()
+    export_member(family, 0, tmp_path / "device.onnx")
+    assert family.dtype == torch.bfloat16 and family.family_hash() == before

@@ -1,5 +1,6 @@
 """Inside the ranks: exit-loss gradients across pipeline stages, and converted logits."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def probe(run: Path, out: Path, mode: str, ranks: int) -> None:
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc-per-node={ranks}", str(PROBE), str(run / "ckpt"), str(out), mode],
                             capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-6000:]
 
 
