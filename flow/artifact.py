@@ -30,6 +30,8 @@ FAMILY_JSON = "family.json"
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 MEMBERS_DIR = "members"
+MEMBER_FORMAT = "familial-flow/device-member"  # ONNX metadata `format` of an exported member
+MEMBER_FORMAT_VERSION = "2"
 
 # ---- tensor names -------------------------------------------------------------------------------
 
@@ -167,12 +169,18 @@ def is_family_dir(path: Path | str) -> bool:
     return (Path(path) / FAMILY_JSON).is_file()
 
 
-def read_manifest(path: Path | str, verify: bool = True) -> FamilyManifest:
+def member_path(family_dir: Path | str, exit: int, int8: bool = False) -> Path:
+    """Where `flow export-onnx` writes member `exit`'s ONNX graph."""
+    return Path(family_dir) / MEMBERS_DIR / str(exit) / ("device.int8.onnx" if int8 else "device.onnx")
+
+
+def read_manifest(path: Path | str, verify: bool = True, weights: bool = True) -> FamilyManifest:
     """Read and check a family directory's manifest.
 
     Checks that the weights file holds exactly the tensors the architecture needs, with the right
-    shapes, and (with `verify`) that their hash is the one recorded; raises `ArtifactError`
-    naming the problem otherwise.
+    shapes, and (with `verify`) that their hash and the tokenizer's are the ones recorded; raises
+    `ArtifactError` naming the problem otherwise. `weights=False` reads a device's copy of a
+    family, which carries family.json, tokenizer.json and its members but not the weights.
     """
     path = Path(path)
     manifest_path = path / FAMILY_JSON
@@ -186,17 +194,9 @@ def read_manifest(path: Path | str, verify: bool = True) -> FamilyManifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({err})") from None
     manifest = FamilyManifest.from_dict(data, manifest_path)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ArtifactError(f"{path} has no {WEIGHTS_FILE}")
-    check_tensor_shapes(read_safetensors_header(weights_path), manifest.config, weights_path)
+    if weights:
+        _check_weights(path / WEIGHTS_FILE, manifest, verify)
     if verify:
-        actual = digest_safetensors(weights_path)
-        if actual != manifest.weights_sha256:
-            raise HashMismatchError(
-                f"{weights_path} does not match its manifest: weights hash {actual[:16]}…, "
-                f"family.json records {manifest.weights_sha256[:16]}…; the weights were changed or "
-                f"the copy is incomplete. Copy the family again from its source.")
         if manifest.tokenizer is not None:
             tokenizer_path = path / TOKENIZER_FILE
             if not tokenizer_path.is_file():
@@ -205,6 +205,19 @@ def read_manifest(path: Path | str, verify: bool = True) -> FamilyManifest:
             if file_sha256(tokenizer_path) != manifest.tokenizer.sha256:
                 raise HashMismatchError(f"{tokenizer_path} does not match the hash in {FAMILY_JSON}")
     return manifest
+
+
+def _check_weights(weights_path: Path, manifest: FamilyManifest, verify: bool) -> None:
+    if not weights_path.is_file():
+        raise ArtifactError(f"{weights_path.parent} has no {WEIGHTS_FILE}")
+    check_tensor_shapes(read_safetensors_header(weights_path), manifest.config, weights_path)
+    if verify:
+        actual = digest_safetensors(weights_path)
+        if actual != manifest.weights_sha256:
+            raise HashMismatchError(
+                f"{weights_path} does not match its manifest: weights hash {actual[:16]}…, "
+                f"family.json records {manifest.weights_sha256[:16]}…; the weights were changed or "
+                f"the copy is incomplete. Copy the family again from its source.")
 
 
 def check_tensor_shapes(header: dict[str, Any], config: FamilyConfig, where: Path) -> None:

@@ -90,7 +90,9 @@ class FamilyCache:
 
     An exit block's cache is its own; it is not the cache of backbone block `e_k + 1`. Any
     object with `update(positions, key, value) -> (keys, values)` serves as a layer's cache
-    (the ONNX export passes one that concatenates an explicit past).
+    (the ONNX export passes one that concatenates an explicit past). A cache may instead offer
+    `attend(query, key, value) -> (B, T, heads*head_dim)` when it stores the new keys/values and
+    computes attention in one fused op (the export's GroupQueryAttention cache).
     """
 
     blocks: dict[int, KVCache] = field(default_factory=dict)  # backbone layer -> cache
@@ -119,6 +121,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, heads, T, head_dim)
+        if hasattr(cache, "attend"):  # a cache that computes attention itself (ONNX export)
+            return self.o_proj(cache.attend(q, k, v))
         if cache is not None:
             k, v = cache.update(positions, k, v)  # (B, kv_heads, max_seq_len, head_dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
@@ -304,7 +308,8 @@ def _lookup(caches: dict[int, KVCache], key: int, what: str) -> KVCache:
 def _cache_length(cache: FamilyCache | None) -> int | None:
     if cache is None:
         return None
-    lengths = {c.max_seq_len for c in (*cache.blocks.values(), *cache.exits.values())}
-    if len(lengths) > 1:
-        raise ValueError(f"all caches of one call must have the same length, got {sorted(lengths)}")
-    return lengths.pop() if lengths else None
+    # A list, not a set: hashing a symbolic length while exporting would fix it to one value.
+    lengths = [c.max_seq_len for c in (*cache.blocks.values(), *cache.exits.values())]
+    if any(length != lengths[0] for length in lengths):
+        raise ValueError(f"all caches of one call must have the same length, got {lengths}")
+    return lengths[0] if lengths else None

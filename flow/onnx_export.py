@@ -3,16 +3,26 @@
 The graph is embedding + blocks 0..e_k + exit branch k, with the KV cache as explicit inputs and
 outputs under the names onnxruntime-genai / optimum use:
 
-    in:  input_ids (B, T) int64, position_ids (B, T) int64, attention_mask (B, P+T) int64,
+    in:  input_ids (B, T) int64, position_ids (B, T) int64, attention_mask (B, S) int64,
          past_key_values.{i}.key|value (B, kv_heads, P, head_dim)
     out: logits (B, T, vocab), handoff_hidden (B, T, hidden) = h_e,
-         present.{i}.key|value (B, kv_heads, P+T, head_dim)
+         present.{i}.key|value
 
 Cache index i runs over the member's layers as a standalone Qwen3 model: blocks 0..e_k, then the
-exit block as e_k + 1 (its cache is its own, not block e_k + 1's). The mask is built in the graph
-from `attention_mask` (left padding) and causality, never `is_causal` (wrong with a cache), and
-rotary angles come from `position_ids`. torch's dynamo exporter at opset 23 turns attention into
-ONNX `Attention`. The family hash, exit, layers and dimensions go into the model's metadata.
+exit block as e_k + 1 (its cache is its own, not block e_k + 1's). Rotary angles come from
+`position_ids`. Two cache layouts (`kv_cache` in the metadata):
+
+- `shared` (default wherever head_dim is a multiple of 8, as ORT's kernel needs): ONNX Runtime's GroupQueryAttention (`flow.onnx_gqa`). P is a fixed buffer
+  of slots, present has the same shape, and a runtime binds both to the same memory, so a decode
+  step writes only its own rows. Slot = position: rows are right-padded, `attention_mask` (B, S)
+  marks each row's valid slots after this call (S = longest row), and a rollback is free.
+  ORT-specific (a contrib op), the layout onnxruntime-genai uses.
+- `concat`: standard ONNX only (opset 23 `Attention`), for any runtime. P is the past length,
+  present = past + new (one copy of the past per call); `attention_mask` (B, P+T) allows left
+  padding, and the mask is built in the graph from it and causality (a KV cache makes
+  `is_causal` wrong).
+
+The family hash, exit, layers, dimensions and the cache layout go into the model's metadata.
 """
 
 from __future__ import annotations
@@ -24,11 +34,28 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flow.artifact import MEMBER_FORMAT, MEMBER_FORMAT_VERSION
 from flow.model import FamilyCache, FamilyModel
+from flow.onnx_gqa import group_query_attention
 
 OPSET = 23
-FORMAT = "familial-flow/device-member"
-FORMAT_VERSION = "1"
+KV_CACHE_LAYOUTS = ("shared", "concat")
+
+
+def choose_kv_cache(config, requested: str = "auto") -> str:
+    """The cache layout to export: `auto` is `shared` wherever ORT's kernel supports the shape."""
+    from flow.errors import ConfigError
+
+    supported = config.head_dim % 8 == 0  # ORT's GroupQueryAttention kernels require it
+    if requested == "auto":
+        return "shared" if supported else "concat"
+    if requested not in KV_CACHE_LAYOUTS:
+        raise ConfigError(f"unknown KV cache layout {requested!r}; choose auto, shared or concat")
+    if requested == "shared" and not supported:
+        raise ConfigError(f"the shared KV cache layout (ORT GroupQueryAttention) needs head_dim to be "
+                          f"a multiple of 8, this family has {config.head_dim}; export with "
+                          f"--kv-cache concat")
+    return requested
 
 
 @dataclass
@@ -42,6 +69,29 @@ class ConcatKVCache:
         self.key = torch.cat([self.key, key], dim=2)
         self.value = torch.cat([self.value, value], dim=2)
         return self.key, self.value
+
+
+@dataclass
+class SharedBufferCache:
+    """A layer cache for export whose attention is ORT's GroupQueryAttention on a slot buffer."""
+
+    key: Tensor  # (B, kv_heads, M, head_dim): past in, present out (the same buffer at run time)
+    value: Tensor
+    seqlens_k: Tensor  # (B,) int32: valid slots after this call - 1
+    total_sequence_length: Tensor  # () int32
+    num_heads: int
+
+    @property
+    def max_seq_len(self) -> int:  # the model sizes its (here unused) position mask by this
+        return self.key.shape[2]
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        B, _, T, _ = query.shape
+        flat = lambda x: x.transpose(1, 2).reshape(B, T, -1)  # noqa: E731  (B, T, heads*head_dim)
+        output, self.key, self.value = group_query_attention(
+            flat(query), flat(key), flat(value), self.key, self.value, self.seqlens_k,
+            self.total_sequence_length, self.num_heads, key.shape[1])
+        return output
 
 
 def padded_causal_mask(attention_mask: Tensor, num_new: int) -> Tensor:
@@ -62,21 +112,32 @@ def padded_causal_mask(attention_mask: Tensor, num_new: int) -> Tensor:
 class DeviceMember(nn.Module):
     """Member `exit` of a family with its KV cache as explicit inputs and outputs."""
 
-    def __init__(self, model: FamilyModel, exit: int):
+    def __init__(self, model: FamilyModel, exit: int, kv_cache: str = "shared"):
         super().__init__()
+        if kv_cache not in KV_CACHE_LAYOUTS:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}, got {kv_cache!r}")
         self.model = model
         self.exit = exit
+        self.kv_cache = kv_cache
         self.exit_layer = model.config.exit_layer(exit)
         self.has_exit_block = model.exits[exit].block is not None
         self.num_cache_layers = self.exit_layer + 1 + int(self.has_exit_block)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 *past_key_values: Tensor) -> tuple[Tensor, ...]:
-        caches = [ConcatKVCache(past_key_values[2 * i], past_key_values[2 * i + 1])
-                  for i in range(self.num_cache_layers)]
+        pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1])
+                 for i in range(self.num_cache_layers)]
+        if self.kv_cache == "shared":
+            seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)
+            total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
+            heads = self.model.config.num_heads
+            caches = [SharedBufferCache(k, v, seqlens_k, total, heads) for k, v in pairs]
+            mask = None  # GroupQueryAttention derives causality and padding from seqlens_k
+        else:
+            caches = [ConcatKVCache(k, v) for k, v in pairs]
+            mask = padded_causal_mask(attention_mask, input_ids.shape[1])
         cache = FamilyCache(blocks={layer: caches[layer] for layer in range(self.exit_layer + 1)},
                             exits={self.exit: caches[-1]} if self.has_exit_block else {})
-        mask = padded_causal_mask(attention_mask, input_ids.shape[1])
         hidden = self.model.embed_tokens(input_ids)
         handoff = self.model.run_blocks(hidden, 0, self.exit_layer, position_ids, cache, mask)
         logits = self.model.run_exit(handoff, self.exit, position_ids, cache, mask)
@@ -94,20 +155,27 @@ def output_names(num_cache_layers: int) -> list[str]:
         f"present.{i}.{kind}" for i in range(num_cache_layers) for kind in ("key", "value")]
 
 
-def export_member(family, exit: int, path: Path | str) -> Path:
-    """Write member `exit` of `family` (a `flow.Family`) as an ONNX file at `path`, atomically."""
+def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -> Path:
+    """Write member `exit` of `family` (a `flow.Family`) as an ONNX file at `path`, atomically.
+
+    `kv_cache` is the cache layout: "shared" (ORT GroupQueryAttention, copy-free decode),
+    "concat" (standard ONNX ops only; see the module docstring) or "auto" (shared if possible).
+    """
     import onnx
 
     from flow.fsutil import atomic_file
+    from flow.onnx_gqa import translation_table
 
     config = family.config
+    kv_cache = choose_kv_cache(config, kv_cache)
     model = family.model
     if family.dtype != torch.float32:  # export in fp32 without converting the caller's family
         model = copy.deepcopy(model).float()
-    member = DeviceMember(model.eval(), exit)
+    member = DeviceMember(model.eval(), exit, kv_cache)
     n = member.num_cache_layers
     batch, seq, past = 2, 3, 4
-    kv_shape = (batch, config.num_kv_heads, past, config.head_dim)
+    cache_len = past if kv_cache == "concat" else past + seq + 1  # a buffer has spare slots
+    kv_shape = (batch, config.num_kv_heads, cache_len, config.head_dim)
     example = (torch.zeros(batch, seq, dtype=torch.long),
                torch.arange(past, past + seq).expand(batch, seq).contiguous(),
                torch.ones(batch, past + seq, dtype=torch.long),
@@ -118,15 +186,16 @@ def export_member(family, exit: int, path: Path | str) -> Path:
     with torch.no_grad():
         program = torch.onnx.export(member, example, dynamo=True, opset_version=OPSET,
                                     dynamic_shapes=dynamic, input_names=input_names(n),
-                                    output_names=output_names(n), verbose=False)
+                                    output_names=output_names(n), verbose=False,
+                                    custom_translation_table=translation_table())
     proto = program.model_proto
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "weights": "float32",
+        "format": MEMBER_FORMAT, "format_version": MEMBER_FORMAT_VERSION, "weights": "float32",
         "family_hash": family.family_hash(),
         "exit": str(exit), "exit_layer": str(member.exit_layer), "num_cache_layers": str(n),
         "hidden_size": str(config.hidden_size), "num_kv_heads": str(config.num_kv_heads),
         "head_dim": str(config.head_dim), "vocab_size": str(config.vocab_size),
-        "max_seq_len": str(config.max_seq_len),
+        "max_seq_len": str(config.max_seq_len), "kv_cache": kv_cache,
     }
     del proto.metadata_props[:]
     for key, value in metadata.items():
@@ -162,9 +231,9 @@ def quantize_member(fp32_path: Path | str, int8_path: Path | str) -> Path:
 
 
 def export_family_members(family_dir: Path | str, exits: list[int] | None = None,
-                          int8: bool = False) -> list[Path]:
+                          int8: bool = False, kv_cache: str = "auto") -> list[Path]:
     """Write members/<k>/device.onnx (and device.int8.onnx) into a family directory."""
-    from flow.artifact import MEMBERS_DIR
+    from flow.artifact import member_path
     from flow.family import Family
 
     family_dir = Path(family_dir)
@@ -173,9 +242,9 @@ def export_family_members(family_dir: Path | str, exits: list[int] | None = None
     written = []
     for exit in exits:
         family.config.check_exit(exit)
-        member_dir = family_dir / MEMBERS_DIR / str(exit)
-        member_dir.mkdir(parents=True, exist_ok=True)
-        written.append(export_member(family, exit, member_dir / "device.onnx"))
+        path = member_path(family_dir, exit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written.append(export_member(family, exit, path, kv_cache))
         if int8:
-            written.append(quantize_member(written[-1], member_dir / "device.int8.onnx"))
+            written.append(quantize_member(path, member_path(family_dir, exit, int8=True)))
     return written

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -38,3 +39,17 @@ def flow(*args, check=True, timeout=600):
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    # A meta-path finder that refuses torch makes `import torch` fail as on a device install.
+    blocker = textwrap.dedent("""
+        import sys
+        class _NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not installed on this device")
+        sys.meta_path.insert(0, _NoTorch())
+    """)
+    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=120)

@@ -70,13 +70,20 @@ def register_export_onnx(subcommands: argparse._SubParsersAction) -> None:
                              help="member to export (repeatable; default all)")
     export_onnx.add_argument("--int8", action="store_true",
                              help="also write device.int8.onnx (dynamic int8 MatMuls, per channel)")
+    export_onnx.add_argument("--kv-cache", choices=("auto", "shared", "concat"), default="auto",
+                             help="KV cache layout: 'shared' = ONNX Runtime GroupQueryAttention on a "
+                                  "buffer bound as both past and present (no copy per token; needs "
+                                  "head_dim %% 8 == 0); 'concat' = standard ONNX ops only, for other "
+                                  "runtimes (copies the past every call); 'auto' (default) = shared "
+                                  "where possible")
     export_onnx.set_defaults(handler=run_export_onnx)
 
 
 def run_export_onnx(args: argparse.Namespace) -> None:
     from flow.onnx_export import export_family_members
 
-    for path in export_family_members(args.family, args.exit, int8=args.int8):
+    for path in export_family_members(args.family, args.exit, int8=args.int8,
+                                      kv_cache=args.kv_cache):
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 

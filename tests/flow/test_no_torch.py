@@ -1,22 +1,6 @@
 """The core that a device needs imports and works where torch cannot be imported at all."""
 
-import subprocess
-import sys
-import textwrap
-
-
-def run_without_torch(code: str) -> subprocess.CompletedProcess:
-    # A meta-path finder that refuses torch makes `import torch` fail as on a device install.
-    blocker = textwrap.dedent("""
-        import sys
-        class _NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is not installed on this device")
-        sys.meta_path.insert(0, _NoTorch())
-    """)
-    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120)
+from runs import run_without_torch
 
 
 def test_flow_core_and_info_work_without_torch(tmp_path, tiny_family):

@@ -1,4 +1,8 @@
-"""The exported device member under ONNX Runtime against the reference model."""
+"""The exported device member under ONNX Runtime against the reference model.
+
+These tests cover the portable `concat` cache layout (standard ONNX ops, left padding); the
+shared-buffer layout the device runtime uses is tested in tests/device/test_member.py.
+"""
 
 import numpy as np
 import onnx
@@ -17,7 +21,8 @@ def family():
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["early-exit", "last-exit"])
 def exported(request, family, tmp_path_factory):
-    path = export_member(family, request.param, tmp_path_factory.mktemp("onnx") / "device.onnx")
+    path = export_member(family, request.param, tmp_path_factory.mktemp("onnx") / "device.onnx",
+                         kv_cache="concat")
     return request.param, path
 
 
@@ -27,7 +32,17 @@ def test_metadata_names_the_family_and_member(family, exported):
     assert meta["family_hash"] == family.family_hash()
     assert meta["exit"] == str(exit) and meta["exit_layer"] == str(family.config.exits[exit])
     expected_layers = family.config.exits[exit] + (2 if exit < 2 else 1)
-    assert meta["num_cache_layers"] == str(expected_layers)
+    assert meta["num_cache_layers"] == str(expected_layers) and meta["kv_cache"] == "concat"
+
+
+def test_auto_layout_needs_head_dim_multiple_of_8(family, tmp_path):
+    from flow.errors import ConfigError
+    from flow.onnx_export import choose_kv_cache
+
+    assert choose_kv_cache(family.config) == "concat"  # head_dim 12: ORT's kernel cannot run it
+    assert choose_kv_cache(family.config.replace(head_dim=16)) == "shared"
+    with pytest.raises(ConfigError, match="--kv-cache concat"):
+        export_member(family, 0, tmp_path / "device.onnx", kv_cache="shared")
 
 
 def test_prefill_and_decode_with_left_padding_match_the_reference(family, exported):

@@ -1,0 +1,434 @@
+"""The device SDK: generate with a family member on ONNX Runtime, escalating to the next tier.
+
+```python
+from device import DeviceClient
+client = DeviceClient("fam_dir", exit=0, cloud=tier, mode="exit", policy="max_prob", threshold=0.8)
+for step in client.generate("def fib(n):", max_new_tokens=64):
+    print(step.text, step.tier)
+result = client.complete("def fib(n):", max_new_tokens=64)
+```
+
+Modes (DESIGN.md §4), per request:
+
+- `local`: the member alone.
+- `exit`: each next token comes from the member when its exit confidence passes the policy;
+  otherwise the device sends the next tier every hand-off row `h_e` it has not had acknowledged
+  (positions frontier..now: the catch-up of tokens it settled alone, plus the current one) and
+  takes the tier's token. The tier's KV cache thus always covers every position it answers for,
+  so its tokens are exactly the full model's.
+- `speculative`: the member drafts `draft_tokens` greedy tokens; one request verifies all their
+  rows; the longest agreeing prefix plus the tier's own next token is kept, and both sides roll
+  back to it (the tier on the next request, `rollback=True`). Output = the full model's greedy
+  output, one round trip per run of drafts.
+- `cloud`: token ids go to the tier, which runs the whole model.
+
+When the tier cannot be reached the client keeps going with its own exit and marks those tokens
+`offline`; the hand-off rows stay pending and are replayed on the next successful request (from
+position 0 if the tier lost the session). `require_cloud=True` raises instead. Every token the user
+has seen stays part of the sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device.member import MemberSession
+from device.text import TextStream
+from flow.artifact import TOKENIZER_FILE, member_path, read_manifest
+from flow.confidence import POLICIES, check_threshold, confidence
+from flow.errors import ConfigError, FlowError
+from flow.sampling import Sampler, check_sampling
+from flow.tier import (
+    Continuation,
+    FrontierMismatch,
+    NextTier,
+    SamplingParams,
+    SessionLost,
+    TierSession,
+    TierUnavailable,
+)
+
+MODES = ("local", "exit", "speculative", "cloud")
+DEVICE = "device"
+# Thresholds used when neither the caller nor `flow calibrate` chose one.
+DEFAULT_THRESHOLDS = {"max_prob": 0.8, "margin": 0.5, "entropy": -1.0}
+CALIBRATION_FILE = "calibration.json"
+
+
+class CloudRequiredError(FlowError):
+    """The next tier was unreachable and the client was told not to go on without it."""
+
+
+@dataclass
+class Step:
+    """One generated token as `generate` yields it."""
+
+    token: int
+    text: str  # the text this token made final (may be "" mid-character or near a stop string)
+    tier: str  # "device", or the name of the tier that settled the token ("cloud", ...)
+    position: int
+    offline: bool = False  # settled on the device because the next tier was unreachable
+
+
+@dataclass
+class Completion:
+    """A whole generation, as `complete` returns it."""
+
+    text: str
+    tokens: list[int]
+    tiers: list[str]
+    offline: list[bool]
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max tokens or context)
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    round_trips: int = 0
+
+    @property
+    def device_share(self) -> float:
+        """Fraction of the tokens the device settled (drafts the tier confirmed included)."""
+        return self.tiers.count(DEVICE) / len(self.tiers) if self.tiers else 0.0
+
+
+class DeviceClient:
+    """A family member on this device, and optionally the tier after it.
+
+    family_dir: the family directory (family.json, tokenizer.json and members/<exit>/ suffice).
+    exit: which member runs here. cloud: a `flow.tier.NextTier` (the gRPC client, or
+        `flow.reference_tier.ReferenceTier` in process); None runs `local` only.
+    mode: default mode of `generate` (local, exit, speculative, cloud).
+    policy / threshold: exit-mode confidence; threshold None takes the member's
+        `calibration.json` (written by `flow calibrate`) or a default per policy.
+    draft_tokens: drafts per speculative round. codec: how h_e travels (fp32, fp16, bf16, int8).
+    int8: run the int8 member. providers / intra_op_threads: ONNX Runtime settings.
+    require_cloud: raise `CloudRequiredError` instead of continuing offline.
+    retry_interval: seconds to wait after a failed request before trying the tier again.
+    """
+
+    def __init__(self, family_dir: Path | str, exit: int = 0, cloud: NextTier | str | None = None,
+                 mode: str = "local", policy: str = "max_prob", threshold: float | None = None,
+                 draft_tokens: int = 4, codec: str = "fp32", int8: bool = False,
+                 providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
+                 require_cloud: bool = False, retry_interval: float = 2.0):
+        family_dir = Path(family_dir)
+        self.manifest = read_manifest(family_dir, weights=False)
+        self.config = self.manifest.config
+        self.exit = self.config.check_exit(exit)
+        if isinstance(cloud, str):
+            raise ConfigError(f"cloud={cloud!r}: the gRPC transport is not built yet; pass a "
+                              f"flow.tier.NextTier such as flow.reference_tier.ReferenceTier")
+        self.tier = cloud
+        self.mode = self._check_mode(mode)
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.threshold = check_threshold(policy, self._default_threshold(family_dir, policy)
+                                         if threshold is None else threshold)
+        if draft_tokens < 1:
+            raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.draft_tokens = draft_tokens
+        self.codec = codec
+        self.require_cloud = require_cloud
+        self.retry_interval = retry_interval
+        self.member = MemberSession(member_path(family_dir, self.exit, int8), providers=providers,
+                                    intra_op_threads=intra_op_threads,
+                                    family_hash=self.manifest.family_hash, exit=self.exit)
+        self.max_seq_len = self.member.max_seq_len
+        self.tokenizer = self._load_tokenizer(family_dir)
+        self.eos_id = (self.tokenizer.token_to_id("<|endoftext|>")
+                       if self.tokenizer is not None else None)
+        self._retry_at = 0.0  # monotonic time before which the tier is not tried again
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
+                 mode: str | None = None, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                 ignore_eos: bool = False) -> Iterator[Step]:
+        """Yield the tokens of a continuation of `prompt` (text, or token ids) one by one.
+
+        Generation ends at `max_new_tokens`, the end of the context, the EOS token (unless
+        `ignore_eos`, as benchmarks want) or a stop string (its text is not returned).
+        """
+        run = _Generation(self, self._encode(prompt), max_new_tokens, self._check_mode(mode or self.mode),
+                          check_sampling(SamplingParams(temperature, top_k, top_p, seed)), stop,
+                          ignore_eos)
+        yield from run.steps()
+
+    def complete(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Completion:
+        """Generate the whole continuation (options as `generate`); text, tokens, per-token
+        tiers, timings, bytes on the wire and round trips."""
+        run = _Generation(self, self._encode(prompt), max_new_tokens,
+                          self._check_mode(options.pop("mode", None) or self.mode),
+                          check_sampling(SamplingParams(**{k: options.pop(k) for k in
+                                                           ("temperature", "top_k", "top_p", "seed")
+                                                           if k in options})),
+                          options.pop("stop", ()), options.pop("ignore_eos", False))
+        if options:
+            raise TypeError(f"complete() got unexpected options {sorted(options)}")
+        steps = list(run.steps())
+        return Completion(
+            text="".join(s.text for s in steps), tokens=[s.token for s in steps],
+            tiers=[s.tier for s in steps], offline=[s.offline for s in steps],
+            finish_reason=run.finish_reason, prompt_tokens=run.prompt_length, timings=run.timings,
+            bytes_sent=run.bytes_sent, bytes_received=run.bytes_received, round_trips=run.round_trips)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _check_mode(self, mode: str) -> str:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode != "local" and self.tier is None:
+            raise ConfigError(f"mode {mode!r} needs a next tier: pass cloud=...")
+        if mode in ("exit", "speculative") and self.exit == self.config.num_exits - 1:
+            raise ConfigError(f"member {self.exit} is the full model; there is nothing after it "
+                              f"to escalate to (use mode='local')")
+        return mode
+
+    def _default_threshold(self, family_dir: Path, policy: str) -> float:
+        path = member_path(family_dir, self.exit).parent / CALIBRATION_FILE
+        if path.is_file():
+            calibration = json.loads(path.read_text())
+            if policy in calibration.get("thresholds", {}):
+                return float(calibration["thresholds"][policy])
+        return DEFAULT_THRESHOLDS[policy]
+
+    def _load_tokenizer(self, family_dir: Path):
+        path = family_dir / TOKENIZER_FILE
+        if not path.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this family has no tokenizer.json; pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary "
+                                  f"0..{self.config.vocab_size - 1}")
+        if not ids:
+            raise ConfigError("the prompt is empty; give at least one token of context")
+        if len(ids) >= self.max_seq_len:
+            raise ConfigError(f"the prompt has {len(ids)} tokens; this member's context is "
+                              f"{self.max_seq_len}, which leaves no room to generate. Shorten it.")
+        return ids
+
+
+class _Generation:
+    """The state of one request: the sequence, the device's cache and what the tier holds."""
+
+    def __init__(self, client: DeviceClient, prompt: list[int], max_new_tokens: int, mode: str,
+                 sampling: SamplingParams, stop: Sequence[str], ignore_eos: bool = False):
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if mode == "speculative" and sampling.temperature > 0:
+            raise ConfigError("speculative mode verifies greedy drafts; use temperature=0, or "
+                              "mode='exit' to sample")
+        self.client, self.mode = client, mode
+        self.member = client.member
+        self.tokens = list(prompt)
+        self.prompt_length = len(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.sampler = Sampler(sampling)
+        self.text = TextStream(client.tokenizer, stop)
+        self.handoff = np.zeros((client.max_seq_len, client.config.hidden_size), np.float32)
+        self.fed = 0  # the device has run positions 0..fed-1
+        self.logits: np.ndarray | None = None  # the device's prediction for position `fed`
+        self.session: TierSession | None = None
+        self.frontier = 0  # positions the tier holds (as far as this client knows)
+        self.rollback = False  # the tier holds positions >= frontier that must be discarded
+        self.finish_reason = "length"
+        self.timings = {"device_s": 0.0, "tier_s": 0.0, "first_token_s": 0.0, "total_s": 0.0}
+        self.bytes_sent = self.bytes_received = self.round_trips = 0
+        self._started = 0.0
+        self._emitted = 0
+        self.cloud_failed = False  # cloud mode fell back to the device
+        self.eos_id = None if ignore_eos else client.eos_id
+
+    # ---- the device -------------------------------------------------------------------------
+
+    def feed(self, tokens: list[int], start: int) -> None:
+        began = time.perf_counter()
+        out = self.member.run(tokens, start)
+        self.timings["device_s"] += time.perf_counter() - began
+        self.handoff[start:start + len(tokens)] = out.handoff
+        self.fed = start + len(tokens)
+        self.logits = out.logits[-1]
+        self._draft_logits = out.logits
+
+    # ---- the next tier ----------------------------------------------------------------------
+
+    def escalate(self, return_all: bool, top_k: int = 0) -> tuple[int, Continuation] | None:
+        """Send the pending rows frontier..fed-1; (start, answer), or None while offline."""
+        client = self.client
+        if time.monotonic() < client._retry_at and not client.require_cloud:
+            return None
+        began = time.perf_counter()
+        try:
+            for _ in range(3):  # a lost session or a moved frontier: fix, then retry at once
+                try:
+                    if self.session is None:
+                        self.session = client.tier.open(client.manifest.family_hash, client.exit,
+                                                        client.codec)
+                        self.frontier, self.rollback = self.session.frontier, False
+                    start = self.frontier
+                    answer = self.session.continue_(start, self.handoff[start:self.fed], return_all,
+                                                    top_k, rollback=self.rollback)
+                    break
+                except SessionLost:
+                    self.session = None  # replay from position 0 on a new session
+                except FrontierMismatch as err:
+                    if err.frontier > self.fed:
+                        self.rollback = True  # it holds more than we know: discard the rest
+                    else:
+                        self.frontier = err.frontier
+            else:
+                raise TierUnavailable("the next tier kept refusing the session's positions")
+        except TierUnavailable as err:
+            if client.require_cloud:
+                raise CloudRequiredError(f"the next tier is unreachable ({err}) and "
+                                         f"require_cloud=True") from err
+            client._retry_at = time.monotonic() + client.retry_interval
+            return None
+        finally:
+            self.timings["tier_s"] += time.perf_counter() - began
+        self.frontier, self.rollback = answer.frontier, False
+        self.round_trips += 1
+        self.bytes_sent += answer.bytes_sent
+        self.bytes_received += answer.bytes_received
+        return start, answer
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[Step]:
+        self._started = time.perf_counter()
+        try:
+            if self.mode == "cloud":
+                yield from self._cloud_steps()
+            while not self.done:
+                if self.fed < len(self.tokens):  # the prompt, or the tokens settled last round
+                    self.feed(self.tokens[self.fed:], self.fed)
+                if self.mode == "speculative":
+                    yield from self._speculative_round()
+                else:
+                    yield from self._next_token()
+        finally:
+            self.timings["total_s"] = time.perf_counter() - self._started
+            if self.session is not None:
+                try:
+                    self.session.close()
+                except FlowError:
+                    pass  # the tier forgets idle sessions by itself
+
+    @property
+    def done(self) -> bool:
+        return (self.finish_reason == "stop" or self._emitted >= self.max_new_tokens
+                or len(self.tokens) >= self.client.max_seq_len)
+
+    def emit(self, token: int, tier: str, offline: bool = False) -> Step | None:
+        if self.done:
+            return None
+        if not self._emitted:
+            self.timings["first_token_s"] = time.perf_counter() - self._started
+        self.tokens.append(token)
+        self._emitted += 1
+        text = self.text.push(token)
+        if token == self.eos_id or self.text.stopped:
+            self.finish_reason = "stop"
+        if self.done:
+            text += self.text.flush()  # the last token releases whatever was held back
+        return Step(token, text, tier, len(self.tokens) - 1, offline)
+
+    def _next_token(self) -> Iterator[Step]:
+        """local and exit modes: one token, from the device or from the tier."""
+        client = self.client
+        if self.mode == "exit" and confidence(self.logits, client.policy) < client.threshold:
+            top_k = 0 if self.sampler.greedy else (self.sampler.params.top_k or 64)
+            sent = self.escalate(return_all=False, top_k=top_k)
+            if sent is not None:
+                _, answer = sent
+                token = (answer.tokens[-1] if self.sampler.greedy else
+                         self.sampler.pick(answer.top_k[-1].logits, ids=answer.top_k[-1].ids))
+                step = self.emit(token, answer.tier)
+            else:
+                step = self.emit(self.sampler.pick(self.logits), DEVICE, offline=True)
+        else:
+            step = self.emit(self.sampler.pick(self.logits), DEVICE, offline=self.cloud_failed)
+        if step is not None:
+            yield step
+
+    def _speculative_round(self) -> Iterator[Step]:
+        length = len(self.tokens)
+        budget = min(self.client.draft_tokens, self.max_new_tokens - self._emitted,
+                     self.client.max_seq_len - length)
+        drafts: list[int] = []
+        while len(drafts) < budget:
+            drafts.append(int(np.argmax(self.logits)))
+            if length + len(drafts) >= self.client.max_seq_len:
+                break  # no slot to feed the last draft: verify what has rows
+            self.feed(drafts[-1:], length + len(drafts) - 1)
+            if drafts[-1] == self.eos_id:
+                break
+        sent = self.escalate(return_all=True)
+        if sent is None:  # offline: the drafts are the device's own greedy tokens
+            for token in drafts:
+                step = self.emit(token, DEVICE, offline=True)
+                if step is not None:
+                    yield step
+            return
+        start, answer = sent
+        # answer.tokens[i] is the full model's next token after position start + i; the drafts
+        # sit at positions length, length+1, ... and are predicted by rows length-1, length, ...
+        verdicts = answer.tokens[length - 1 - start:]
+        accepted = 0
+        while accepted < len(drafts) and accepted < len(verdicts) - 1 and \
+                drafts[accepted] == verdicts[accepted]:
+            accepted += 1
+        kept = length + accepted  # positions 0..kept-1 are right on both sides
+        if self.frontier > kept:
+            self.frontier, self.rollback = kept, True
+        self.fed = min(self.fed, kept)
+        for token in drafts[:accepted]:
+            step = self.emit(token, DEVICE)
+            if step is not None:
+                yield step
+        step = self.emit(verdicts[accepted], answer.tier)
+        if step is not None:
+            yield step
+
+    def _cloud_steps(self) -> Iterator[Step]:
+        client = self.client
+        began = time.perf_counter()
+        try:
+            stream = client.tier.generate(self.tokens, self.max_new_tokens, self.sampler.params,
+                                          stop_ids=() if self.eos_id is None else (self.eos_id,))
+            self.bytes_sent += 4 * len(self.tokens)
+            self.round_trips += 1
+            for token in stream:
+                self.bytes_received += 4
+                step = self.emit(token, client.tier.name)
+                if step is not None:
+                    yield step
+                if self.done:
+                    break
+        except TierUnavailable as err:
+            if client.require_cloud:
+                raise CloudRequiredError(f"the next tier is unreachable ({err}) and "
+                                         f"require_cloud=True") from err
+            self.mode = "local"  # go on with the device's own exit from where the stream stopped
+            self.cloud_failed = True
+        finally:
+            self.timings["tier_s"] += time.perf_counter() - began

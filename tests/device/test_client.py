@@ -1,0 +1,213 @@
+"""The device SDK's modes against the reference model, with an in-process next tier."""
+
+import numpy as np
+import pytest
+
+from device import DeviceClient
+from device.client import CloudRequiredError
+from flow.errors import ConfigError
+from greedy import check_same_greedy, greedy
+
+PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [64, 64, 64],
+           [1, 300, 2, 299, 3], [42, 7, 42, 7, 42, 7, 42]]
+
+
+def client(device_family, tier, **options):
+    options.setdefault("exit", 0)
+    return DeviceClient(device_family[0], cloud=tier, retry_interval=0.0, **options)
+
+
+def complete(c, prompt, **options):
+    return c.complete(prompt, ignore_eos=True, **options)  # a random model emits EOS anywhere
+
+
+def test_exit_mode_with_no_confident_token_is_the_full_model(device_family, tier):
+    near_ties = []
+    c = client(device_family, tier, mode="exit", threshold=1.5)  # max_prob never reaches 1.5
+    for prompt in PROMPTS:
+        result = complete(c, prompt, max_new_tokens=16)
+        assert set(result.tiers) == {"cloud"} and result.round_trips == 16
+        check_same_greedy(device_family[1], 2, prompt, result.tokens, near_ties)
+    print("near ties:", near_ties)
+
+
+def test_exit_mode_with_every_token_confident_is_the_member(device_family, tier):
+    near_ties = []
+    c = client(device_family, tier, mode="exit", threshold=-1.0)
+    for prompt in PROMPTS:
+        result = complete(c, prompt, max_new_tokens=16)
+        assert set(result.tiers) == {"device"} and result.round_trips == 0
+        check_same_greedy(device_family[1], 0, prompt, result.tokens, near_ties)
+    print("near ties:", near_ties)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 2, 3, 5, 8])
+def test_speculative_mode_is_exactly_the_full_model(device_family, tier, draft_tokens):
+    near_ties = []
+    c = client(device_family, tier, mode="speculative", draft_tokens=draft_tokens)
+    for prompt in PROMPTS:
+        result = complete(c, prompt, max_new_tokens=20)
+        assert len(result.tokens) == 20
+        check_same_greedy(device_family[1], 2, prompt, result.tokens, near_ties)
+        assert result.round_trips <= 20
+    print("near ties:", near_ties)
+
+
+def agreeing_family(family, noise: float):
+    """A copy of `family` whose member 1 nearly is the full model: blocks after exit 1 and exit
+    1's own block are identities (zero output projections), its head is the final head + noise."""
+    import copy
+
+    import torch
+
+    family = copy.deepcopy(family)
+    model = family.model
+    with torch.no_grad():
+        for block in [*model.blocks[2:], model.exits[1].block]:
+            block.attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.exits[1].norm.weight.copy_(model.exits[2].norm.weight)
+        head = model.exits[2].head.weight
+        model.exits[1].head.weight.copy_(head + noise * head.std() * torch.randn_like(head))
+    return family
+
+
+def test_speculative_bookkeeping_when_drafts_are_accepted(device_family, tmp_path):
+    from flow.onnx_export import export_member
+    from flow.reference_tier import ReferenceTier
+
+    family = agreeing_family(device_family[1], noise=0.6)
+    family.save(tmp_path / "fam")
+    export_member(family, 1, tmp_path / "fam" / "members" / "1" / "device.onnx")
+    tier = ReferenceTier(family)
+    near_ties, trips, tokens, drafted = [], 0, 0, 0
+    for draft_tokens in (2, 4, 7):
+        c = DeviceClient(tmp_path / "fam", exit=1, cloud=tier, mode="speculative",
+                         draft_tokens=draft_tokens)
+        for prompt in PROMPTS:
+            result = complete(c, prompt, max_new_tokens=24)
+            check_same_greedy(family, 2, prompt, result.tokens, near_ties)
+            trips, tokens = trips + result.round_trips, tokens + len(result.tokens)
+            drafted += result.tiers.count("device")
+            # every round settles its accepted drafts plus one token of the tier (which the last
+            # round drops when its drafts already filled max_new_tokens)
+            surplus = result.tiers.count("device") + result.round_trips - len(result.tokens)
+            assert surplus in (0, 1)
+    print(f"{tokens} tokens, {drafted} accepted drafts, {trips} round trips; near ties: {near_ties}")
+    assert drafted > tokens // 4 and trips < tokens  # drafts were accepted, and rejected
+
+
+def test_mixed_exit_mode_escalates_exactly_the_unconfident_tokens(device_family, tier):
+    from flow.confidence import confidence
+
+    family = device_family[1]
+    prompt = PROMPTS[0]
+    c = client(device_family, tier, mode="exit", policy="margin", threshold=0.3)
+    result = complete(c, prompt, max_new_tokens=24)
+    assert 0 < result.tiers.count("device") < 24, result.tiers
+    sequence = prompt + result.tokens
+    for i, tier_name in enumerate(result.tiers):
+        context = sequence[:len(prompt) + i]
+        device_logits = family.logits(context, exit=0)[0, -1].numpy()
+        confident = confidence(device_logits, "margin") >= 0.3
+        assert tier_name == ("device" if confident else "cloud")
+        exit = 0 if confident else 2
+        assert result.tokens[i] == int(family.logits(context, exit=exit)[0, -1].argmax())
+
+
+def test_cloud_mode_sends_token_ids_and_gets_the_full_model(device_family, tier):
+    prompt = PROMPTS[2]
+    result = complete(client(device_family, tier, mode="cloud"), prompt, max_new_tokens=12)
+    assert result.tokens == greedy(device_family[1], 2, prompt, 12)
+    assert result.bytes_sent == 4 * len(prompt) and set(result.tiers) == {"cloud"}
+
+
+def test_outage_keeps_generating_offline_then_catches_up_exactly(device_family, tier):
+    family = device_family[1]
+    prompt = PROMPTS[0]
+    c = client(device_family, tier, mode="exit", threshold=1.5)
+    steps = []
+    for i, step in enumerate(c.generate(prompt, max_new_tokens=18, ignore_eos=True)):
+        steps.append(step)
+        if i == 3:
+            tier.reachable = False
+        if i == 8:
+            tier.reachable = True
+        if i == 12:
+            tier.drop_sessions()  # a restarted tier: the client replays from position 0
+    offline = [s.offline for s in steps]
+    assert offline == [False] * 4 + [True] * 5 + [False] * 9
+    sequence = prompt + [s.token for s in steps]
+    for i, step in enumerate(steps):  # every online token is the full model's next token
+        context = sequence[:len(prompt) + i]
+        exit = 0 if step.offline else 2
+        assert step.token == int(family.logits(context, exit=exit)[0, -1].argmax()), i
+        assert step.tier == ("device" if step.offline else "cloud")
+
+
+def test_require_cloud_raises_instead_of_going_offline(device_family, tier):
+    tier.reachable = False
+    c = client(device_family, tier, mode="exit", threshold=1.5, require_cloud=True)
+    with pytest.raises(CloudRequiredError, match="unreachable"):
+        complete(c, PROMPTS[0], max_new_tokens=4)
+    tier.reachable = True
+    c = client(device_family, tier, mode="cloud")
+    tier.reachable = False
+    result = complete(c, PROMPTS[0], max_new_tokens=5)  # cloud mode falls back to the member
+    assert result.offline == [True] * 5 and result.tokens == greedy(device_family[1], 0, PROMPTS[0], 5)
+
+
+def test_text_prompt_streams_text_and_stops_at_a_stop_string(device_family, tier):
+    c = client(device_family, tier)
+    full = complete(c, "def parse(s):\n", max_new_tokens=30)
+    assert full.text == c.tokenizer.decode(full.tokens)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    cut = complete(c, "def parse(s):\n", max_new_tokens=30, stop=[stop])
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text) and len(cut.text) == full.text.index(stop)
+
+
+def test_sampling_is_reproducible_by_seed_and_escalated_sampling_uses_the_tiers_top_k(device_family, tier):
+    c = client(device_family, tier, mode="exit", policy="entropy", threshold=-1.5)
+    a = complete(c, PROMPTS[0], max_new_tokens=16, temperature=1.0, top_k=20, seed=7)
+    b = complete(c, PROMPTS[0], max_new_tokens=16, temperature=1.0, top_k=20, seed=7)
+    other = complete(c, PROMPTS[0], max_new_tokens=16, temperature=1.0, top_k=20, seed=8)
+    assert a.tokens == b.tokens and a.tiers == b.tiers and a.tokens != other.tokens
+    greedy_result = complete(c, PROMPTS[0], max_new_tokens=16)
+    nearly_greedy = complete(c, PROMPTS[0], max_new_tokens=16, temperature=1.0, top_k=1, seed=3)
+    assert nearly_greedy.tokens == greedy_result.tokens
+
+
+def test_int8_member_agrees_with_fp32_on_most_next_tokens(device_family, tier):
+    from device.member import MemberSession
+
+    members = device_family[0] / "members" / "0"
+    text = "import heapq\n\ndef smallest(items, n):\n    return heapq.nsmallest(n, items)\n"
+    ids = DeviceClient(device_family[0]).tokenizer.encode(text * 2).ids[:80]
+    fp32 = MemberSession(members / "device.onnx").run(ids, 0).logits.argmax(-1)
+    int8 = MemberSession(members / "device.int8.onnx").run(ids, 0).logits.argmax(-1)
+    agreement = float(np.mean(fp32 == int8))  # teacher-forced top-1 agreement
+    print(f"int8 top-1 agreement with fp32: {agreement:.3f} over {len(ids)} positions")
+    assert agreement >= 0.8
+    result = complete(client(device_family, tier, int8=True), PROMPTS[2], max_new_tokens=8)
+    assert len(result.tokens) == 8
+
+
+@pytest.mark.parametrize("options, prompt, message", [
+    ({"exit": 3}, [1], "exits 0..2"),
+    ({}, [], "prompt is empty"),
+    ({}, list(range(96)), "96 tokens; this member's context is 96"),
+    ({}, [1000], "outside the vocabulary"),
+    ({"mode": "warp"}, [1], "unknown mode"),
+    ({"mode": "speculative", "temperature": 0.5}, [1], "greedy drafts"),
+    ({"policy": "vibes"}, [1], "unknown policy"),
+    ({"exit": 2, "mode": "exit"}, [1], "full model"),
+    ({"cloud": "localhost:50051", "mode": "exit"}, [1], "gRPC transport"),
+])
+def test_bad_requests_say_what_is_wrong(device_family, tier, options, prompt, message):
+    options = dict(options)
+    request = {k: options.pop(k) for k in ("temperature",) if k in options}
+    with pytest.raises(ConfigError, match=message):
+        cloud = options.pop("cloud", tier)
+        c = DeviceClient(device_family[0], cloud=cloud, **{"exit": 0, **options})
+        complete(c, prompt, max_new_tokens=4, **request)

@@ -1,0 +1,105 @@
+"""The shared-buffer ONNX member under ONNX Runtime against the reference model."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from device.member import MemberSession
+from flow import Family, HashMismatchError
+from flow.artifact import ArtifactError
+from flow.onnx_export import export_member
+
+
+@pytest.mark.parametrize("exit", [0, 1])
+def test_prefill_decode_and_rollback_match_the_reference(device_family, exit):
+    path, family = device_family
+    member = MemberSession(path / "members" / str(exit) / "device.onnx",
+                           family_hash=family.family_hash(), exit=exit)
+    assert member.info.kv_cache == "shared"
+    tokens = [17, 3, 250, 9, 41, 8]
+    out = member.run(tokens, 0)
+    np.testing.assert_allclose(out.logits, family.logits(tokens, exit=exit)[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.handoff, family.handoff(tokens, exit=exit)[0].numpy(), atol=1e-4)
+    for _ in range(8):  # decode fed with the member's own cache
+        tokens.append(int(out.logits[-1].argmax()))
+        out = member.run(tokens[-1:], len(tokens) - 1)
+        np.testing.assert_allclose(out.logits[0], family.logits(tokens, exit=exit)[0, -1].numpy(),
+                                   atol=1e-4)
+    # roll back 5 positions and feed a different 3-token chunk at once
+    tokens = tokens[:9] + [1, 2, 3]
+    out = member.run(tokens[9:], 9)
+    np.testing.assert_allclose(out.logits, family.logits(tokens, exit=exit)[0, 9:].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.handoff, family.handoff(tokens, exit=exit)[0, 9:].numpy(), atol=1e-4)
+
+
+def test_batch_of_right_padded_rows_decodes_with_one_shared_buffer(device_family):
+    path, family = device_family
+    session = ort.InferenceSession(path / "members" / "0" / "device.onnx",
+                                   providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    layers, cfg = int(meta["num_cache_layers"]), family.config
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
+    width = max(map(len, prompts))
+    ids = np.array([p + [0] * (width - len(p)) for p in prompts], np.int64)
+    lengths = np.array([len(p) for p in prompts])
+    cache = {f"past_key_values.{i}.{kind}": np.zeros((2, cfg.num_kv_heads, 32, cfg.head_dim), np.float32)
+             for i in range(layers) for kind in ("key", "value")}
+    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(width), (2, 1)),
+             "attention_mask": (np.arange(width)[None] < lengths[:, None]).astype(np.int64)}
+    sequences = [list(p) for p in prompts]
+    for step in range(9):  # the prefill, then 8 decode steps with rows of different lengths
+        names = [o.name for o in session.get_outputs()]
+        outputs = dict(zip(names, session.run(None, {**feeds, **cache}), strict=True))
+        last = lengths - 1 if step == 0 else np.zeros(2, int)
+        for row, tokens in enumerate(sequences):
+            reference = family.logits(tokens, exit=0)[0, -1].numpy()
+            np.testing.assert_allclose(outputs["logits"][row, last[row]], reference, atol=1e-4)
+        next_tokens = outputs["logits"][np.arange(2), last].argmax(-1)
+        for row, token in enumerate(next_tokens):
+            sequences[row].append(int(token))
+        cache = {name.replace("present", "past_key_values"): value
+                 for name, value in outputs.items() if name.startswith("present.")}
+        feeds = {"input_ids": next_tokens[:, None].astype(np.int64),
+                 "position_ids": lengths[:, None].astype(np.int64),
+                 "attention_mask": (np.arange(lengths.max() + 1)[None] <= lengths[:, None]).astype(np.int64)}
+        lengths = lengths + 1
+
+
+def test_decode_writes_the_shared_buffer_in_place(device_family):
+    path, family = device_family
+    member = MemberSession(path / "members" / "0" / "device.onnx", max_seq_len=32)
+    before = [buffer.data_ptr() for buffer in member._cache]
+    member.run([1, 2, 3], 0)
+    member.run([4], 3)
+    assert [buffer.data_ptr() for buffer in member._cache] == before
+    key = member._cache[0].numpy()
+    assert np.abs(key[0, :, :4]).min() > 0 and not key[0, :, 4:].any()  # rows 0..3 written, no more
+
+
+def test_member_from_another_family_is_refused(device_family, tmp_path):
+    path, family = device_family
+    other = Family.random(family.config, seed=99)
+    export_member(other, 0, tmp_path / "device.onnx")
+    with pytest.raises(HashMismatchError, match="re-export"):
+        MemberSession(tmp_path / "device.onnx", family_hash=family.family_hash())
+    with pytest.raises(ArtifactError, match="member 0, not member 1"):
+        MemberSession(tmp_path / "device.onnx", exit=1)
+
+
+def test_context_and_gaps_are_refused(device_family):
+    from device.member import ContextFullError
+
+    member = MemberSession(device_family[0] / "members" / "0" / "device.onnx", max_seq_len=8)
+    with pytest.raises(ContextFullError, match="context of 8"):
+        member.run(list(range(9)), 0)
+    member.run([1, 2], 0)
+    with pytest.raises(ValueError, match="gap"):
+        member.run([3], 4)
+
+
+def test_graph_uses_group_query_attention_and_no_concat_of_the_cache(device_family):
+    graph = onnx.load(device_family[0] / "members" / "0" / "device.onnx").graph
+    assert "GroupQueryAttention" in {n.op_type for n in graph.node}
+    cache_inputs = {i.name for i in graph.input if i.name.startswith("past_key_values")}
+    assert not [n for n in graph.node if n.op_type == "Concat" and set(n.input) & cache_inputs]
