@@ -5,7 +5,7 @@ when it is not confident (DESIGN.md §4); `MemberSession` is the ONNX Runtime se
 Only the `[device]` extra is needed: onnxruntime, numpy, tokenizers, gRPC.
 """
 
-from device.client import Completion, DeviceClient, Step
+from device.client import Completion, DeviceClient, Generation, Step
 from device.member import MemberSession
 
-__all__ = ["DeviceClient", "Completion", "Step", "MemberSession"]
+__all__ = ["DeviceClient", "Generation", "Completion", "Step", "MemberSession"]

@@ -41,6 +41,7 @@ import numpy as np
 from device.member import MemberSession
 from device.text import TextStream
 from flow.artifact import TOKENIZER_FILE, member_path, read_manifest
+from flow.calibration import CALIBRATION_FILE
 from flow.confidence import POLICIES, check_threshold, confidence
 from flow.errors import ConfigError, FlowError
 from flow.sampling import Sampler, check_sampling
@@ -58,7 +59,6 @@ MODES = ("local", "exit", "speculative", "cloud")
 DEVICE = "device"
 # Thresholds used when neither the caller nor `flow calibrate` chose one.
 DEFAULT_THRESHOLDS = {"max_prob": 0.8, "margin": 0.5, "entropy": -1.0}
-CALIBRATION_FILE = "calibration.json"
 
 
 class CloudRequiredError(FlowError):
@@ -151,29 +151,23 @@ class DeviceClient:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                  mode: str | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> Iterator[Step]:
-        """Yield the tokens of a continuation of `prompt` (text, or token ids) one by one.
+                 ignore_eos: bool = False) -> Generation:
+        """A continuation of `prompt` (text, or token ids): iterate it for its `Step`s.
 
         Generation ends at `max_new_tokens`, the end of the context, the EOS token (unless
-        `ignore_eos`, as benchmarks want) or a stop string (its text is not returned).
+        `ignore_eos`, as benchmarks want) or a stop string (its text is not returned). After
+        the loop the `Generation` holds the finish reason, timings, bytes and round trips.
         """
-        run = _Generation(self, self._encode(prompt), max_new_tokens, self._check_mode(mode or self.mode),
+        return Generation(self, self._encode(prompt), max_new_tokens,
+                          self._check_mode(mode or self.mode),
                           check_sampling(SamplingParams(temperature, top_k, top_p, seed)), stop,
                           ignore_eos)
-        yield from run.steps()
 
     def complete(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **options) -> Completion:
         """Generate the whole continuation (options as `generate`); text, tokens, per-token
         tiers, timings, bytes on the wire and round trips."""
-        run = _Generation(self, self._encode(prompt), max_new_tokens,
-                          self._check_mode(options.pop("mode", None) or self.mode),
-                          check_sampling(SamplingParams(**{k: options.pop(k) for k in
-                                                           ("temperature", "top_k", "top_p", "seed")
-                                                           if k in options})),
-                          options.pop("stop", ()), options.pop("ignore_eos", False))
-        if options:
-            raise TypeError(f"complete() got unexpected options {sorted(options)}")
-        steps = list(run.steps())
+        run = self.generate(prompt, max_new_tokens, **options)
+        steps = list(run)
         return Completion(
             text="".join(s.text for s in steps), tokens=[s.token for s in steps],
             tiers=[s.tier for s in steps], offline=[s.offline for s in steps],
@@ -196,7 +190,9 @@ class DeviceClient:
         path = member_path(family_dir, self.exit).parent / CALIBRATION_FILE
         if path.is_file():
             calibration = json.loads(path.read_text())
-            if policy in calibration.get("thresholds", {}):
+            # a calibration of other weights says nothing about these
+            if calibration.get("family_hash") == self.manifest.family_hash and \
+                    policy in calibration.get("thresholds", {}):
                 return float(calibration["thresholds"][policy])
         return DEFAULT_THRESHOLDS[policy]
 
@@ -227,8 +223,11 @@ class DeviceClient:
         return ids
 
 
-class _Generation:
-    """The state of one request: the sequence, the device's cache and what the tier holds."""
+class Generation:
+    """One request: iterate it for its `Step`s; then it holds the finish reason and statistics.
+
+    Internally: the sequence, the device's cache and what the next tier holds.
+    """
 
     def __init__(self, client: DeviceClient, prompt: list[int], max_new_tokens: int, mode: str,
                  sampling: SamplingParams, stop: Sequence[str], ignore_eos: bool = False):
@@ -313,7 +312,9 @@ class _Generation:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def steps(self) -> Iterator[Step]:
+    def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated once; call generate() again")
         self._started = time.perf_counter()
         try:
             if self.mode == "cloud":

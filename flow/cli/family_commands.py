@@ -57,6 +57,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     export_hf.set_defaults(handler=run_export_hf)
 
     register_export_onnx(subcommands)
+    register_calibrate(subcommands)
 
 
 def register_export_onnx(subcommands: argparse._SubParsersAction) -> None:
@@ -77,6 +78,43 @@ def register_export_onnx(subcommands: argparse._SubParsersAction) -> None:
                                   "runtimes (copies the past every call); 'auto' (default) = shared "
                                   "where possible")
     export_onnx.set_defaults(handler=run_export_onnx)
+
+
+def register_calibrate(subcommands: argparse._SubParsersAction) -> None:
+    calibrate = subcommands.add_parser(
+        "calibrate", help="choose member K's exit-mode threshold for a target agreement",
+        description="Run the family teacher-forced on held-out text and, for each confidence "
+                    "policy (max_prob, margin, entropy), pick the threshold that settles the most "
+                    "tokens on member K while the exit-mode output still agrees with the full "
+                    "model on at least --target of the positions. Writes "
+                    "FAMILY/members/<K>/calibration.json, which the device SDK uses by default.")
+    calibrate.add_argument("family", type=Path, help="family directory")
+    calibrate.add_argument("--exit", type=int, required=True, help="member index K")
+    calibrate.add_argument("--data", type=Path, required=True,
+                           help="tokenized corpus directory (`flow tokenize`) holding held-out text")
+    calibrate.add_argument("--split", default="heldout", help="token split to use (default heldout)")
+    calibrate.add_argument("--target", type=float, default=0.95,
+                           help="agreement with the full model to reach (default 0.95)")
+    calibrate.add_argument("--tokens", type=int, default=32768,
+                           help="held-out positions to evaluate at most (default 32768)")
+    calibrate.add_argument("--window", type=int, default=256, help="context window (default 256)")
+    calibrate.set_defaults(handler=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    from flow.artifact import TOKENIZER_FILE
+    from flow.calibration import calibrate
+    from flow.data.tokens import open_tokens
+
+    tokens = open_tokens(args.data, args.split, args.family / TOKENIZER_FILE)
+    result = calibrate(args.family, args.exit, tokens, args.target, args.window, args.tokens)
+    print(f"member {args.exit}: top-1 agrees with the full model at "
+          f"{result['member_top1_agreement']:.1%} of {result['positions']} held-out positions")
+    for policy, threshold in result["thresholds"].items():
+        stats = result["policies"][policy]
+        print(f"  {policy:9s} threshold {threshold:+.4f}: {stats['device_share']:.1%} of tokens on "
+              f"the device, agreement {stats['agreement']:.1%}")
+    print(f"wrote {result['path']}")
 
 
 def run_export_onnx(args: argparse.Namespace) -> None:
