@@ -1,5 +1,6 @@
 # Two entry points, both self-installing on a fresh machine:
-#   make demo   build the data, train the demo family with megatron-core, export its members
+#   make demo   build the data, train the demo family with megatron-core, export its members,
+#               calibrate member 0 and generate with the device SDK
 #   make test   the test suite
 # The virtual environment lives in .venv and is reused until pyproject.toml changes.
 
@@ -24,7 +25,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-# ---- the demo: corpus -> tokenizer -> tokens -> family -> a Hugging Face member -----------------
+# ---- the demo: corpus -> tokenizer -> tokens -> family -> device members -> generation ---------
 
 $(RUN)/corpus/corpus.json: | $(VENV)/.installed
 	$(BIN)/flow corpus $(RUN)/corpus --max-mb 4
@@ -42,8 +43,12 @@ $(RUN)/family/family.json: $(RUN)/corpus/tokens.json configs/demo.yaml
 
 demo: $(RUN)/family/family.json
 	$(BIN)/flow export-onnx $(RUN)/family --int8
+	$(BIN)/flow calibrate $(RUN)/family --exit 0 --data $(RUN)/corpus --tokens 8192
 	$(BIN)/flow info $(RUN)/family
 	$(BIN)/flow export-hf $(RUN)/family $(RUN)/member0-hf --exit 0 --force
+	# The device SDK: a member on ONNX Runtime; the rest of the family in process as the next tier.
+	$(BIN)/flow generate $(RUN)/family --prompt "def fib(n):" --exit 0 --mode exit --cloud local --max-new-tokens 48
+	$(BIN)/flow generate $(RUN)/family --prompt "def fib(n):" --exit 1 --mode speculative --cloud local --max-new-tokens 48
 
 clean:
 	rm -rf runs build .pytest_cache

@@ -31,11 +31,12 @@ class TextStream:
         """Add a token; returns the text it makes final (possibly "")."""
         self.tokens.append(token)
         text = self._text()
-        for stop in self.stop:
-            at = text.find(stop, max(0, self.released - len(stop)))
-            if at != -1:
-                self.stopped = True
-                return self._release(text, at)
+        # one token can complete several stop strings: stop at the earliest, whatever their order
+        found = [at for stop in self.stop
+                 if (at := text.find(stop, max(0, self.released - len(stop)))) != -1]
+        if found:
+            self.stopped = True
+            return self._release(text, min(found))
         end = len(text)
         while end > self.released and text[end - 1] == REPLACEMENT:
             end -= 1  # an unfinished UTF-8 sequence: wait for the next token

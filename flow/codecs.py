@@ -44,6 +44,8 @@ def encode(rows: np.ndarray, codec: str) -> EncodedRows:
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2:
         raise CodecError(f"hand-off rows must be 2-D (rows, hidden), got shape {rows.shape}")
+    if rows.shape[1] == 0:  # decode() rejects it too; int8 would fail on the empty max
+        raise CodecError(f"hand-off rows need hidden > 0, got shape {rows.shape}")
     shape = (int(rows.shape[0]), int(rows.shape[1]))
     if codec == "fp32":
         return EncodedRows(codec, shape, rows.astype("<f4").tobytes())
@@ -52,6 +54,9 @@ def encode(rows: np.ndarray, codec: str) -> EncodedRows:
     if codec == "bf16":
         bits = rows.view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+        # rounding would carry a NaN's low mantissa bits into the exponent (NaN -> inf, or
+        # 0xFFFFFFFF -> 0); keep every NaN a quiet NaN of its sign instead
+        rounded = np.where(np.isnan(rows), (bits >> 16) | 0x0040, rounded)
         return EncodedRows(codec, shape, rounded.astype("<u2").tobytes())
     if codec == "int8":
         scales = np.abs(rows).max(axis=1) / 127.0

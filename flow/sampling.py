@@ -16,10 +16,11 @@ from flow.tier import SamplingParams
 
 def check_sampling(params: SamplingParams) -> SamplingParams:
     """`params` if valid, else `ConfigError` saying which value is wrong."""
-    if params.temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {params.temperature}")
-    if params.top_k < 0:
-        raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {params.top_k}")
+    if not (np.isfinite(params.temperature) and params.temperature >= 0):  # NaN fails both
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                          f"got {params.temperature}")
+    if not float(params.top_k).is_integer() or params.top_k < 0:  # NaN / inf / 2.5 too
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = no limit), got {params.top_k}")
     if not 0 < params.top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {params.top_p}")
     return params
@@ -44,7 +45,7 @@ class Sampler:
             return int(candidates[int(np.argmax(logits))])
         order = np.argsort(-logits, kind="stable")
         if self.params.top_k:
-            order = order[:self.params.top_k]
+            order = order[:int(self.params.top_k)]
         scaled = logits[order] / self.params.temperature
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
