@@ -44,6 +44,7 @@ $(RUN)/family/family.json: $(RUN)/corpus/tokens.json configs/demo.yaml
 demo: $(RUN)/family/family.json
 	$(BIN)/flow export-onnx $(RUN)/family --int8
 	$(BIN)/flow calibrate $(RUN)/family --exit 0 --data $(RUN)/corpus --tokens 8192
+	$(BIN)/flow calibrate $(RUN)/family --exit 1 --data $(RUN)/corpus --tokens 8192
 	$(BIN)/flow info $(RUN)/family
 	$(BIN)/flow export-hf $(RUN)/family $(RUN)/member0-hf --exit 0 --force
 	# The device SDK: a member on ONNX Runtime; the rest of the family in process as the next tier.

@@ -83,12 +83,13 @@ class MemberSession:
     intra_op_threads: threads for one operator (default: ORT's choice, one per core).
     max_seq_len: context to allocate the KV cache for (default: the family's).
     family_hash / exit: when given, the member must carry exactly this hash and exit.
+    profile: a path prefix for ONNX Runtime's profiler trace (`end_profiling()` writes it).
     """
 
     def __init__(self, path: Path | str, *, providers: Sequence[str | tuple[str, dict]] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int = 1,
                  max_seq_len: int | None = None, family_hash: str | None = None,
-                 exit: int | None = None, profile: bool = False):
+                 exit: int | None = None, profile: str | Path | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -100,7 +101,9 @@ class MemberSession:
             options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.enable_profiling = profile
+        if profile is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile)
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         self.path = path
@@ -117,6 +120,7 @@ class MemberSession:
         self._output_names = [o.name for o in self.session.get_outputs()]
         self.length = 0  # positions 0..length-1 hold valid keys/values
         self._cache: list = []
+        self._binding = None
         self.reset()
 
     @property
@@ -137,6 +141,7 @@ class MemberSession:
                 self._host = [np.zeros(shape, np.float32) for _ in range(self.num_cache_tensors)]
                 self._cache = [ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
                                for array in self._host]
+                self._binding = self._bind_cache()
         else:
             empty = np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)
             self._cache = [empty] * self.num_cache_tensors
@@ -167,19 +172,26 @@ class MemberSession:
         self.length = end
         return MemberOutput(logits=outputs["logits"][0], handoff=outputs["handoff_hidden"][0])
 
-    def _run_shared(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _bind_cache(self):
+        """One I/O binding for the session's life: the cache buffers as past *and* present."""
         binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
-        binding.bind_output("handoff_hidden", "cpu")
         for i, buffer in enumerate(self._cache):
             layer, kind = divmod(i, 2)
             suffix = f"{layer}.{'value' if kind else 'key'}"
             binding.bind_ortvalue_input(f"past_key_values.{suffix}", buffer)
             binding.bind_ortvalue_output(f"present.{suffix}", buffer)  # same memory: in place
+        return binding
+
+    def _run_shared(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self._binding
+        for name, array in feeds.items():  # only the per-call inputs change
+            binding.bind_cpu_input(name, array)
+        # Rebound every call: ORT allocates them at this call's shape, on the CPU.
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("handoff_hidden", "cpu")
         self.session.run_with_iobinding(binding)
-        logits, handoff = binding.get_outputs()[:2]
+        # get_outputs() follows binding order: the cache first (bound once), then these two
+        *_, logits, handoff = binding.get_outputs()
         return {"logits": logits.numpy(), "handoff_hidden": handoff.numpy()}
 
     def _run_concat(self, feeds: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:

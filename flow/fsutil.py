@@ -16,6 +16,18 @@ from pathlib import Path
 from flow.errors import ArtifactError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set it straight back
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created_normally(path: Path, directory: bool) -> None:
+    # mkstemp/mkdtemp create 0600/0700 entries; a family written by one user (a trainer
+    # container) must be readable by another (the cloud service), as open() would have made it.
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` when the block succeeds."""
@@ -27,6 +39,9 @@ def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        # writers differ (safetensors creates 0600 files): give everything the usual modes
+        for path in [staging, *staging.rglob("*")]:
+            _as_if_created_normally(path, directory=path.is_dir())
         if target.exists():
             # Rename the old one aside first so the swap is two renames, never a copy.
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -50,6 +65,7 @@ def atomic_file(target: Path | str) -> Iterator[Path]:
     staging = Path(name)
     try:
         yield staging
+        _as_if_created_normally(staging, directory=False)
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)

@@ -171,7 +171,7 @@ def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -
     model = family.model
     if family.dtype != torch.float32:  # export in fp32 without converting the caller's family
         model = copy.deepcopy(model).float()
-    member = DeviceMember(model.eval(), exit, kv_cache)
+    member = DeviceMember(model, exit, kv_cache).eval()
     n = member.num_cache_layers
     batch, seq, past = 2, 3, 4
     cache_len = past if kv_cache == "concat" else past + seq + 1  # a buffer has spare slots

@@ -115,3 +115,17 @@ def test_tokenizer_travels_with_the_family_and_is_verified(tmp_path, tiny_family
     (tmp_path / "fam" / "tokenizer.json").write_text(text.replace('"a"', '"z"'))
     with pytest.raises(HashMismatchError, match="tokenizer.json does not match"):
         Family.load(tmp_path / "fam")
+
+
+def test_saved_family_is_readable_by_other_users_as_the_umask_allows(tmp_path, tiny_family):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tiny_family.save(tmp_path / "fam")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "fam", *(tmp_path / "fam").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
