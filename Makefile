@@ -1,6 +1,6 @@
 # Two entry points, both self-installing on a fresh machine:
 #   make demo   build the data, train the demo family with megatron-core, export its members,
-#               calibrate member 0 and generate with the device SDK
+#               calibrate, generate with the device SDK, serve the cloud tier and talk to it
 #   make test   the test suite
 # The virtual environment lives in .venv and is reused until pyproject.toml changes.
 
@@ -47,9 +47,10 @@ demo: $(RUN)/family/family.json
 	$(BIN)/flow calibrate $(RUN)/family --exit 1 --data $(RUN)/corpus --tokens 8192
 	$(BIN)/flow info $(RUN)/family
 	$(BIN)/flow export-hf $(RUN)/family $(RUN)/member0-hf --exit 0 --force
-	# The device SDK: a member on ONNX Runtime; the rest of the family in process as the next tier.
+	# The device SDK: member 0 on ONNX Runtime, escalating to the rest of the family in process.
 	$(BIN)/flow generate $(RUN)/family --prompt "def fib(n):" --exit 0 --mode exit --cloud local --max-new-tokens 48
-	$(BIN)/flow generate $(RUN)/family --prompt "def fib(n):" --exit 1 --mode speculative --cloud local --max-new-tokens 48
+	# Two tiers: `flow serve` (gRPC + a ZeroMQ engine worker) in a process, a device in every mode.
+	$(BIN)/python examples/two_tiers.py $(RUN)/family --prompt "def fib(n):"
 
 clean:
 	rm -rf runs build .pytest_cache

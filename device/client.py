@@ -101,7 +101,8 @@ class DeviceClient:
     """A family member on this device, and optionally the tier after it.
 
     family_dir: the family directory (family.json, tokenizer.json and members/<exit>/ suffice).
-    exit: which member runs here. cloud: a `flow.tier.NextTier` (the gRPC client, or
+    exit: which member runs here. cloud: "host:port" of the next tier's gRPC service (with
+        `cloud_token` as its bearer token), or any `flow.tier.NextTier` (e.g.
         `flow.reference_tier.ReferenceTier` in process); None runs `local` only.
     mode: default mode of `generate` (local, exit, speculative, cloud).
     policy / threshold: exit-mode confidence; threshold None takes the member's
@@ -116,14 +117,16 @@ class DeviceClient:
                  mode: str = "local", policy: str = "max_prob", threshold: float | None = None,
                  draft_tokens: int = 4, codec: str = "fp32", int8: bool = False,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
-                 require_cloud: bool = False, retry_interval: float = 2.0):
+                 require_cloud: bool = False, retry_interval: float = 2.0,
+                 cloud_token: str | None = None):
         family_dir = Path(family_dir)
         self.manifest = read_manifest(family_dir, weights=False)
         self.config = self.manifest.config
         self.exit = self.config.check_exit(exit)
         if isinstance(cloud, str):
-            raise ConfigError(f"cloud={cloud!r}: the gRPC transport is not built yet; pass a "
-                              f"flow.tier.NextTier such as flow.reference_tier.ReferenceTier")
+            from flow.tier_client import GrpcTier
+
+            cloud = GrpcTier(cloud, token=cloud_token)
         self.tier = cloud
         self.mode = self._check_mode(mode)
         if policy not in POLICIES:
@@ -415,7 +418,8 @@ class Generation:
         began = time.perf_counter()
         try:
             stream = client.tier.generate(self.tokens, self.max_new_tokens, self.sampler.params,
-                                          stop_ids=() if self.eos_id is None else (self.eos_id,))
+                                          stop_ids=() if self.eos_id is None else (self.eos_id,),
+                                          family_hash=client.manifest.family_hash)
             self.bytes_sent += 4 * len(self.tokens)
             self.round_trips += 1
             for token in stream:

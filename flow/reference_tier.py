@@ -77,11 +77,14 @@ class ReferenceTier:
         return ReferenceSession(self, session_id, codec)
 
     def generate(self, token_ids: list[int], max_new_tokens: int,
-                 sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = ()
-                 ) -> Iterator[int]:
+                 sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = (),
+                 family_hash: str = "") -> Iterator[int]:
         import torch
 
         self._check_reachable()
+        if family_hash and family_hash != self.family_hash:
+            raise HashMismatchError(f"the {self.name} tier serves family {self.family_hash[:16]}…, "
+                                    f"not {family_hash[:16]}…")
         family, sampler = self.family, Sampler(sampling)
         cache = family.model.new_cache(1, exits=[family.config.num_exits - 1])
         tokens, start = list(token_ids), 0

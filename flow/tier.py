@@ -107,7 +107,10 @@ class NextTier(Protocol):
         ...
 
     def generate(self, token_ids: list[int], max_new_tokens: int,
-                 sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = ()
-                 ) -> Iterator[int]:
-        """`cloud` mode: the whole model from token ids, streamed token by token."""
+                 sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = (),
+                 family_hash: str = "") -> Iterator[int]:
+        """`cloud` mode: the whole model from token ids, streamed token by token.
+
+        A non-empty `family_hash` must be the served family's (`HashMismatchError` otherwise).
+        """
         ...

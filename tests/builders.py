@@ -30,3 +30,14 @@ def random_qwen3_checkpoint(path: Path, seed: int = 0, tie: bool = False, **shap
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)
     return path
+
+
+def sharpen_heads(family, scale: float = 25.0):
+    """Scale a random family's LM heads: normal(0, 0.02) heads give near-uniform logits, where
+    float noise decides many argmaxes; scaled heads give clear preferences, as trained ones have."""
+    import torch
+
+    with torch.no_grad():
+        for branch in family.model.exits:
+            branch.head.weight.mul_(scale)
+    return family

@@ -1,11 +1,36 @@
 """Shared fixtures: tiny families built on the spot (nothing is downloaded)."""
 
+from pathlib import Path
+
 import pytest
 
-from builders import tiny_config
+from builders import sharpen_heads, tiny_config
 from flow import Family
 
 
 @pytest.fixture
 def tiny_family() -> Family:
     return Family.random(tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def device_family(tmp_path_factory) -> tuple[Path, Family]:
+    """A 5-layer family (exits after layers 1, 2, 4) with a real tokenizer of 320 tokens and
+    exported members 0 and 1 (+ member 0 in int8): what the device and cloud tests run."""
+    from flow.data.corpus import stdlib_sources
+    from flow.data.tokenizer import save_tokenizer, train_tokenizer
+    from flow.onnx_export import export_member, quantize_member
+
+    root = tmp_path_factory.mktemp("device-family")
+    names = {"stdlib/json/decoder.py", "stdlib/textwrap.py", "stdlib/heapq.py"}
+    documents = [s.path.read_text() for s in stdlib_sources() if s.name in names]
+    tokenizer = train_tokenizer(documents, vocab_size=320)
+    save_tokenizer(tokenizer, root / "tokenizer.json")
+    config = tiny_config(head_dim=16, vocab_size=tokenizer.get_vocab_size(), max_seq_len=96)
+    family = sharpen_heads(Family.random(config, seed=11, tokenizer=root / "tokenizer.json"))
+    family.save(root / "fam")
+    for exit in (0, 1):
+        export_member(family, exit, root / "fam" / "members" / str(exit) / "device.onnx")
+    quantize_member(root / "fam" / "members" / "0" / "device.onnx",
+                    root / "fam" / "members" / "0" / "device.int8.onnx")
+    return root / "fam", family

@@ -202,7 +202,6 @@ def test_int8_member_agrees_with_fp32_on_most_next_tokens(device_family, tier):
     ({"mode": "speculative", "temperature": 0.5}, [1], "greedy drafts"),
     ({"policy": "vibes"}, [1], "unknown policy"),
     ({"exit": 2, "mode": "exit"}, [1], "full model"),
-    ({"cloud": "localhost:50051", "mode": "exit"}, [1], "gRPC transport"),
 ])
 def test_bad_requests_say_what_is_wrong(device_family, tier, options, prompt, message):
     options = dict(options)

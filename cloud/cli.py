@@ -1,0 +1,68 @@
+"""`flow serve`: run a tier's gRPC service for a family (registered through `flow.commands`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    serve = subcommands.add_parser(
+        "serve", help="serve the blocks after an exit over gRPC (the cloud or edge tier)",
+        description="Serve flow.v1.Tier for FAMILY: sessions continue after member --from-exit "
+                    "through the deeper blocks on a batched engine and answer with the full "
+                    "model's tokens; Generate runs the whole model from token ids. Health "
+                    "checking and server reflection are on. Stops cleanly on SIGINT/SIGTERM.")
+    serve.add_argument("family", type=Path, help="family directory (weights.safetensors needed)")
+    serve.add_argument("--from-exit", type=int, default=0,
+                       help="the exit devices stop at (default 0); sessions may continue after any "
+                            "exit, this one is checked at start")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free)")
+    serve.add_argument("--name", default="cloud", help="tier name reported to clients (default cloud)")
+    serve.add_argument("--max-sessions", type=int, default=64, help="KV cache slots (default 64)")
+    serve.add_argument("--max-rows", type=int, default=512, help="rows per request at most (default 512)")
+    serve.add_argument("--session-ttl", type=float, default=600.0,
+                       help="seconds an idle session is kept (default 600)")
+    serve.add_argument("--workers", type=int, default=0,
+                       help="engine worker processes (ZeroMQ); 0 (default) runs the engine in this "
+                            "process")
+    serve.add_argument("--bind", default=None,
+                       help="ROUTER endpoint workers connect to (default an ipc:// path; "
+                            "tcp://0.0.0.0:5555 lets `python -m cloud.worker` join from other hosts)")
+    serve.add_argument("--token-file", type=Path, default=None,
+                       help="file of accepted bearer tokens, one per line (default: no auth)")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    serve.add_argument("--client-ca", type=Path, default=None,
+                       help="CA (PEM) that client certificates must chain to (mutual TLS)")
+    serve.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from cloud.engine import EngineLimits
+    from cloud.server import ServerConfig
+    from cloud.service import TierSpec, serve
+    from flow.errors import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tokens = ()
+    if args.token_file is not None:
+        tokens = tuple(t.strip() for t in args.token_file.read_text().splitlines() if t.strip())
+        if not tokens:
+            raise ConfigError(f"{args.token_file} holds no token")
+    config = ServerConfig(
+        name=args.name, host=args.host, port=args.port, tokens=tokens,
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        client_ca=args.client_ca.read_bytes() if args.client_ca else None)
+    limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
+                          session_ttl_s=args.session_ttl)
+    spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,
+                    endpoint=args.bind)
+    # The first stdout line names the address: scripts started with --port 0 read it.
+    asyncio.run(serve(spec, ready=lambda server: print(f"listening on {server.address}", flush=True)))

@@ -1,0 +1,225 @@
+"""The gRPC front end of a tier: `flow.v1.Tier` on `grpc.aio`, over an engine client.
+
+The front end decodes and checks what it can without the model (identity, family hash, tensor
+encoding), hands the rest to the engine (which validates shapes, positions and frontiers against
+its sessions) and turns every refusal into the status code the protocol documents, with a message
+that says what to change. Nothing a request does can stop the service: an error answers that call
+only. Health checking (`grpc.health.v1`) and server reflection are registered, so `grpcurl` and
+standard probes work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flow.codecs import CodecError
+from flow.errors import HashMismatchError
+from flow.tier import FrontierMismatch, SamplingParams, SessionLost, TierError, TierUnavailable
+from flow.v1 import tier_pb2, tier_pb2_grpc
+from flow.wire import ERROR_KIND_KEY, FRONTIER_KEY, codec_name, tensor_to_rows
+
+log = logging.getLogger("flow.cloud")
+SERVICE_NAME = tier_pb2.DESCRIPTOR.services_by_name["Tier"].full_name
+ANONYMOUS = "anonymous"
+
+
+@dataclass
+class ServerConfig:
+    """How a tier serves: its name, who may call it, and over what transport."""
+
+    name: str = "cloud"
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (tests)
+    tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty = no authentication
+    tls_key: bytes | None = None  # PEM; with tls_cert, serve TLS
+    tls_cert: bytes | None = None
+    client_ca: bytes | None = None  # PEM; require client certificates signed by it (mutual TLS)
+    max_message_bytes: int = 64 << 20
+    grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
+
+
+class TierService(tier_pb2_grpc.TierServicer):
+    """`flow.v1.Tier` for one family, over an engine client (in-process or worker processes)."""
+
+    def __init__(self, engine, family_hash: str, vocab_size: int, config: ServerConfig,
+                 max_rows: int):
+        self.engine = engine
+        self.family_hash = family_hash
+        self.vocab_size = vocab_size
+        self.config = config
+        self.max_rows = max_rows
+        self._token_digests = [hashlib.sha256(t.encode()).digest() for t in config.tokens]
+
+    # ---- identity ---------------------------------------------------------------------------
+
+    async def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        """Who is calling: a digest of the bearer token (sessions are bound to it)."""
+        if not self._token_digests:
+            return ANONYMOUS
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        digest = hashlib.sha256(token.encode()).digest()
+        if not token or not any(hmac.compare_digest(digest, d) for d in self._token_digests):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or unknown bearer token: send metadata "
+                                "'authorization: Bearer <token>'")
+        return digest.hex()[:32]
+
+    async def _check_family(self, family_hash: str, context) -> None:
+        if family_hash != self.family_hash:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this tier serves family {self.family_hash[:16]}…, the request names "
+                f"{family_hash[:16] or '(none)'}…; deploy the same family on both tiers",
+                trailing_metadata=((ERROR_KIND_KEY, "family-hash"),))
+
+    # ---- RPCs -------------------------------------------------------------------------------
+
+    async def OpenSession(self, request, context):
+        owner = await self._owner(context)
+        await self._check_family(request.family_hash, context)
+        async with _status(context):
+            codec_name(request.codec)
+            session_id, frontier = await self.engine.open_session(owner, int(request.from_exit))
+        return tier_pb2.OpenSessionResponse(session_id=session_id, frontier=frontier,
+                                            tier=self.config.name, max_rows=self.max_rows)
+
+    async def Continue(self, request, context):
+        owner = await self._owner(context)
+        async with _status(context):
+            rows = tensor_to_rows(request.hidden)
+            answer = await self.engine.continue_(
+                request.session_id, owner, int(request.start), rows,
+                return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
+                rollback=request.rollback)
+        return tier_pb2.ContinueResponse(
+            tokens=answer.tokens, frontier=answer.frontier, tier=self.config.name,
+            top_k=[tier_pb2.TopK(ids=t.ids, logits=t.logits) for t in answer.top_k])
+
+    async def Rollback(self, request, context):
+        owner = await self._owner(context)
+        async with _status(context):
+            frontier = await self.engine.rollback(request.session_id, owner, int(request.position))
+        return tier_pb2.RollbackResponse(frontier=frontier)
+
+    async def CloseSession(self, request, context):
+        owner = await self._owner(context)
+        async with _status(context):
+            await self.engine.close(request.session_id, owner)
+        return tier_pb2.CloseSessionResponse()
+
+    async def Generate(self, request, context):
+        owner = await self._owner(context)
+        if request.family_hash:
+            await self._check_family(request.family_hash, context)
+        bad = [t for t in request.token_ids if not 0 <= t < self.vocab_size]
+        if not request.token_ids or bad or request.max_new_tokens < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "generate needs a non-empty prompt of token ids in "
+                                f"0..{self.vocab_size - 1} (bad: {bad[:5]}) and max_new_tokens >= 1")
+        sampling = request.sampling
+        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p or 1.0,
+                                seed=sampling.seed if sampling.HasField("seed") else None)
+        async with _status(context):
+            from flow.sampling import check_sampling
+
+            check_sampling(params)
+            index = 0
+            async for token in self.engine.generate(owner, list(request.token_ids),
+                                                    int(request.max_new_tokens), params,
+                                                    tuple(request.stop_ids)):
+                yield tier_pb2.GenerateResponse(token=token, index=index)
+                index += 1
+
+
+@contextlib.asynccontextmanager
+async def _status(context: grpc.aio.ServicerContext):
+    """Map the errors of codecs and the engine to the protocol's status codes."""
+    from flow.errors import ConfigError
+
+    try:
+        yield
+    except FrontierMismatch as err:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err),
+                            trailing_metadata=((FRONTIER_KEY, str(err.frontier)),))
+    except SessionLost as err:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+    except TierUnavailable as err:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+    except HashMismatchError as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err),
+                            trailing_metadata=((ERROR_KIND_KEY, "family-hash"),))
+    except (CodecError, ConfigError) as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    except TierError as err:
+        await context.abort(_code_of(err), str(err))
+
+
+def _code_of(err: TierError) -> grpc.StatusCode:
+    from cloud.engine import Exhausted, InvalidRequest
+
+    if isinstance(err, Exhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(err, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+class TierServer:
+    """A running `flow.v1.Tier` server: gRPC + health + reflection over an engine client."""
+
+    def __init__(self, service: TierService, config: ServerConfig):
+        self.service, self.config = service, config
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(options=options)
+        tier_pb2_grpc.add_TierServicer_to_server(service, self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_key and config.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key, config.tls_cert)], root_certificates=config.client_ca,
+                require_client_auth=config.client_ca is not None)
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise TierError(f"cannot listen on {address} (in use, or not an address of this host)")
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+        log.info("serving %s on %s", SERVICE_NAME, self.address)
+
+    async def stop(self) -> None:
+        """Stop taking calls, give in-flight ones `grace_s` to finish, then cancel the rest."""
+        for name in ("", SERVICE_NAME):
+            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        await self.server.stop(self.config.grace_s)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _maybe_await(result) -> None:
+    if asyncio.iscoroutine(result):
+        await result

@@ -1,0 +1,133 @@
+"""Putting a tier together: family -> engine -> engine client -> gRPC server, and running it.
+
+`run(...)` serves until SIGINT/SIGTERM (what `flow serve` calls); `ServerThread` runs the same
+server on a background event loop in this process, for tests, benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud.server import ServerConfig, TierServer, TierService
+from cloud.workers import WorkerPool
+
+
+@dataclass
+class TierSpec:
+    """What a tier serves: a family, from which exit, with which engine limits."""
+
+    family_dir: Path
+    from_exit: int
+    limits: object = None  # cloud.engine.EngineLimits; None = defaults
+    server: ServerConfig = field(default_factory=ServerConfig)
+    workers: int = 0  # engine worker processes to spawn; 0 = the engine runs in this process
+    endpoint: str | None = None  # ROUTER endpoint for workers (default: an ipc:// path)
+
+
+def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
+    """The server and its engine client for `spec` (not started)."""
+    from cloud.engine import Engine, EngineLimits
+    from cloud.runner import InProcessEngine
+    from flow.errors import ConfigError
+    from flow.family import Family
+
+    family = family or Family.load(spec.family_dir)
+    config = family.config
+    config.check_exit(spec.from_exit)
+    if spec.from_exit == config.num_exits - 1:
+        raise ConfigError(f"--from-exit {spec.from_exit} is the full model: nothing is left to serve "
+                          f"after it; choose one of 0..{config.num_exits - 2}")
+    limits = spec.limits or EngineLimits()
+    if spec.workers or spec.endpoint:
+        engine = WorkerPool(spec.endpoint or _ipc_endpoint(), family.family_hash())
+    else:
+        engine = InProcessEngine(Engine(family, limits=limits))
+    service = TierService(engine, family.family_hash(), config.vocab_size, spec.server,
+                          max_rows=limits.max_rows_per_request)
+    return TierServer(service, spec.server), engine
+
+
+def _ipc_endpoint() -> str:
+    import os
+    import tempfile
+
+    return f"ipc://{tempfile.gettempdir()}/flow-engine-{os.getpid()}-{id(object())}.sock"
+
+
+def _worker_args(limits) -> list[str]:
+    return ["--max-sessions", str(limits.max_sessions), "--max-rows", str(limits.max_rows_per_request),
+            "--session-ttl", str(limits.session_ttl_s)]
+
+
+async def serve(spec: TierSpec, ready=None, family=None) -> None:
+    """Serve until cancelled or signalled; `ready(server)` is called once it listens."""
+    from cloud.engine import EngineLimits
+
+    server, engine = build(spec, family)
+    if isinstance(engine, WorkerPool):
+        engine.spawn(spec.family_dir, spec.workers, _worker_args(spec.limits or EngineLimits()))
+        await engine.start(wait_for=spec.workers)
+    else:
+        await engine.start()
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(server)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
+class ServerThread:
+    """A tier server on a background event loop: `with ServerThread(spec) as address: ...`."""
+
+    def __init__(self, spec: TierSpec, family=None):
+        self.spec, self.family = spec, family
+        self.server: TierServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="flow-tier-server", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._task = self._loop.create_task(serve(self.spec, self._on_ready, self.family))
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as err:  # noqa: BLE001 - reported to the starting thread
+            self._error = err
+            self._ready.set()
+
+    def _on_ready(self, server: TierServer) -> None:
+        self.server = server
+        self._ready.set()
+
+    def start(self) -> str:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self.server.address
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(30)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,168 @@
+"""An engine worker process: the model blocks and KV caches, behind a ZeroMQ DEALER socket.
+
+    python -m cloud.worker FAMILY --connect ipc:///tmp/flow.sock     (or tcp://frontend:5555)
+
+The front end binds a ROUTER; each worker connects a DEALER, says HELLO (with its family hash, so
+a worker of another family is turned away), then serves commands between engine steps and sends
+a heartbeat while idle so the front end notices a dead worker.
+
+Messages are multipart: one JSON header frame, then raw little-endian float32 frames for hand-off
+rows — never pickle, so a worker reachable over tcp:// executes nothing it is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HEARTBEAT_S = 0.5
+
+
+# ---- the message format (shared with cloud.workers) ------------------------------------------
+
+def pack(header: dict, rows: np.ndarray | None = None) -> list[bytes]:
+    if rows is None:
+        return [json.dumps(header).encode()]
+    rows = np.ascontiguousarray(rows, dtype="<f4")
+    return [json.dumps({**header, "shape": list(rows.shape)}).encode(), rows.tobytes()]
+
+
+def unpack(frames: list[bytes]) -> tuple[dict, np.ndarray | None]:
+    header = json.loads(frames[0])
+    rows = None
+    if len(frames) > 1:
+        rows = np.frombuffer(frames[1], dtype="<f4").reshape(header["shape"]).astype(np.float32)
+    return header, rows
+
+
+def error_header(err: Exception) -> dict:
+    """An exception as a header the front end turns back into the same kind of error."""
+    header = {"error": type(err).__name__, "message": str(err)}
+    if hasattr(err, "frontier"):
+        header["frontier"] = err.frontier
+    return header
+
+
+def continuation_header(result) -> dict:
+    return {"tokens": result.tokens, "frontier": result.frontier,
+            "top_k": [[t.ids, t.logits] for t in result.top_k]}
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+class Worker:
+    """Serves one engine over a DEALER socket until told to stop or the front end goes away."""
+
+    def __init__(self, engine, family_hash: str, endpoint: str):
+        import zmq
+
+        self.engine, self.family_hash = engine, family_hash
+        self.context = zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.works: dict[int, object] = {}  # request id -> engine Work (for cancel)
+
+    def send(self, header: dict, rows: np.ndarray | None = None) -> None:
+        self.socket.send_multipart(pack(header, rows))
+
+    def run(self) -> None:
+        import zmq
+
+        self.send({"op": "hello", "family_hash": self.family_hash, "pid": os.getpid()})
+        last_beat = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while True:
+            timeout_ms = 0 if self.engine.has_work() else int(HEARTBEAT_S * 1000)
+            for _ in range(256):  # take every queued command before the next step
+                if not dict(poller.poll(timeout_ms)):
+                    break
+                timeout_ms = 0
+                header, rows = unpack(self.socket.recv_multipart())
+                if header["op"] == "shutdown":
+                    return
+                self.handle(header, rows)
+            if self.engine.has_work():
+                self.engine.step()
+            else:
+                self.engine.expire_idle()
+            if time.monotonic() - last_beat >= HEARTBEAT_S:
+                self.send({"op": "heartbeat", "stats": self.engine.stats()})
+                last_beat = time.monotonic()
+
+    def handle(self, header: dict, rows: np.ndarray | None) -> None:
+        op, rid = header["op"], header.get("id")
+        try:
+            if op == "open":
+                session_id, frontier = self.engine.open_session(header["owner"], header["from_exit"])
+                self.send({"id": rid, "session_id": session_id, "frontier": frontier})
+            elif op == "continue":
+                self.works[rid] = self.engine.submit_continue(
+                    header["session_id"], header["owner"], header["start"], rows,
+                    return_all=header["return_all"], top_k=header["top_k"],
+                    rollback=header["rollback"], on_done=lambda work, rid=rid: self.finished(rid, work))
+            elif op == "rollback":
+                frontier = self.engine.rollback(header["session_id"], header["owner"], header["position"])
+                self.send({"id": rid, "frontier": frontier})
+            elif op == "close":
+                self.engine.close(header["session_id"], header["owner"])
+                self.send({"id": rid})
+            elif op == "generate":
+                from flow.tier import SamplingParams
+
+                self.works[rid] = self.engine.submit_generate(
+                    header["owner"], header["token_ids"], header["max_new_tokens"],
+                    SamplingParams(**header["sampling"]), tuple(header["stop_ids"]),
+                    on_token=lambda token, rid=rid: self.send({"id": rid, "token": token}),
+                    on_done=lambda work, rid=rid: self.finished(rid, work))
+            elif op == "cancel":
+                work = self.works.pop(header["target"], None)
+                if work is not None:
+                    self.engine.cancel(work)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except Exception as err:  # noqa: BLE001 - every refusal goes back to the caller
+            self.send({"id": rid, **error_header(err)})
+
+    def finished(self, rid: int, work) -> None:
+        self.works.pop(rid, None)
+        if work.error is not None:
+            self.send({"id": rid, "done": True, **error_header(work.error)})
+        elif isinstance(work.result, list):  # a generate: its tokens went out one by one
+            self.send({"id": rid, "done": True})
+        else:
+            self.send({"id": rid, "done": True, **continuation_header(work.result)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A familial-flow engine worker (ZeroMQ DEALER).")
+    parser.add_argument("family", type=Path, help="family directory")
+    parser.add_argument("--connect", required=True, help="the front end's ROUTER endpoint")
+    parser.add_argument("--max-sessions", type=int, default=64)
+    parser.add_argument("--max-rows", type=int, default=512)
+    parser.add_argument("--session-ttl", type=float, default=600.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    import torch
+
+    from cloud.engine import Engine, EngineLimits
+    from flow.family import Family
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    family = Family.load(args.family)
+    limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
+                          session_ttl_s=args.session_ttl)
+    Worker(Engine(family, limits=limits), family.family_hash(), args.connect).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The front end's side of the engine workers: ZeroMQ ROUTER, routing, liveness.
+
+`WorkerPool` offers the coroutines of `cloud.runner.InProcessEngine`, so the gRPC front end does
+not know whether its engine is a thread or N processes. It binds a ROUTER (`ipc://` on one host,
+`tcp://` across hosts), admits workers that say HELLO with the right family hash, places each new
+session on the worker with the fewest, and routes that session's requests to it. A worker is dead
+when its process exits or nothing (reply or heartbeat) came from it for `dead_after_s`: its
+pending calls fail with `TierUnavailable` (UNAVAILABLE) and its sessions are forgotten, so their
+next request gets NOT_FOUND and the device replays onto a live worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud.worker import pack, unpack
+from flow.tier import Continuation, FrontierMismatch, SessionLost, TierError, TierUnavailable, TopK
+
+log = logging.getLogger("flow.cloud.workers")
+
+
+def rebuild_error(header: dict) -> Exception:
+    """The exception a worker reported, as the type the front end maps to a status code."""
+    from cloud.engine import Exhausted, InvalidRequest
+    from flow.codecs import CodecError
+    from flow.errors import ConfigError
+
+    kind, message = header["error"], header.get("message", "")
+    if kind == "FrontierMismatch":
+        return FrontierMismatch(message, int(header["frontier"]))
+    known = {"SessionLost": SessionLost, "InvalidRequest": InvalidRequest, "Exhausted": Exhausted,
+             "CodecError": CodecError, "ConfigError": ConfigError, "TierUnavailable": TierUnavailable}
+    return known.get(kind, TierError)(message if kind in known else f"{kind}: {message}")
+
+
+@dataclass
+class _Worker:
+    identity: bytes
+    pid: int
+    sessions: set[str] = field(default_factory=set)
+    pending: set[int] = field(default_factory=set)
+    last_seen: float = field(default_factory=time.monotonic)
+    process: subprocess.Popen | None = None
+
+
+class WorkerPool:
+    """Engine workers behind a ROUTER socket, used through asyncio coroutines."""
+
+    def __init__(self, endpoint: str, family_hash: str, dead_after_s: float = 3.0):
+        self.endpoint, self.family_hash, self.dead_after_s = endpoint, family_hash, dead_after_s
+        self.workers: dict[bytes, _Worker] = {}
+        self.placement: dict[str, bytes] = {}  # session id -> worker identity
+        self._calls: dict[int, asyncio.Future | asyncio.Queue] = {}
+        self._owners: dict[int, bytes] = {}
+        self._ids = itertools.count(1)
+        self._processes: list[subprocess.Popen] = []
+        self._tasks: list[asyncio.Task] = []
+        self._joined = asyncio.Event()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def spawn(self, family_dir: Path, count: int, extra_args: list[str] = ()) -> None:
+        """Start `count` local worker processes connecting to this pool."""
+        for _ in range(count):
+            self._processes.append(subprocess.Popen(
+                [sys.executable, "-m", "cloud.worker", str(family_dir), "--connect", self.endpoint,
+                 *extra_args]))
+
+    async def start(self, wait_for: int = 0, timeout: float = 120.0) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self.context = zmq.asyncio.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(self.endpoint)
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+        deadline = time.monotonic() + timeout
+        while len(self.workers) < wait_for:
+            if time.monotonic() > deadline:
+                raise TierUnavailable(f"only {len(self.workers)} of {wait_for} workers joined "
+                                      f"{self.endpoint} within {timeout:.0f} s")
+            self._joined.clear()
+            try:
+                await asyncio.wait_for(self._joined.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        for worker in list(self.workers.values()):
+            await self.socket.send_multipart([worker.identity, *pack({"op": "shutdown"})])
+        for task in self._tasks:
+            task.cancel()
+        for process in self._processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.socket.close()
+
+    # ---- receiving ----------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            identity, *frames = await self.socket.recv_multipart()
+            header, _ = unpack(frames)
+            op = header.get("op")
+            if op == "hello":
+                self._admit(identity, header)
+                continue
+            worker = self.workers.get(identity)
+            if worker is None:
+                continue  # a worker we declared dead came back late: ignore it
+            worker.last_seen = time.monotonic()
+            if op == "heartbeat":
+                continue
+            self._deliver(worker, header)
+
+    def _admit(self, identity: bytes, header: dict) -> None:
+        if header.get("family_hash") != self.family_hash:
+            log.error("worker pid %s serves another family (%s…); sending it away",
+                      header.get("pid"), str(header.get("family_hash"))[:16])
+            asyncio.ensure_future(self.socket.send_multipart([identity, *pack({"op": "shutdown"})]))
+            return
+        process = next((p for p in self._processes if p.pid == header.get("pid")), None)
+        self.workers[identity] = _Worker(identity, header.get("pid", -1), process=process)
+        log.info("worker pid %s joined (%d workers)", header.get("pid"), len(self.workers))
+        self._joined.set()
+
+    def _deliver(self, worker: _Worker, header: dict) -> None:
+        rid = header.get("id")
+        target = self._calls.get(rid)
+        if target is None:
+            return
+        if isinstance(target, asyncio.Queue):  # a generate stream
+            target.put_nowait(header)
+            if header.get("done") or "error" in header:
+                self._finish(rid, worker)
+            return
+        self._finish(rid, worker)
+        if not target.done():
+            if "error" in header:
+                target.set_exception(rebuild_error(header))
+            else:
+                target.set_result(header)
+
+    def _finish(self, rid: int, worker: _Worker) -> None:
+        self._calls.pop(rid, None)
+        self._owners.pop(rid, None)
+        worker.pending.discard(rid)
+
+    # ---- liveness -----------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                exited = worker.process is not None and worker.process.poll() is not None
+                if exited or now - worker.last_seen > self.dead_after_s:
+                    self._bury(worker, "exited" if exited else "stopped answering")
+
+    def _bury(self, worker: _Worker, why: str) -> None:
+        log.error("worker pid %s %s; its %d sessions are lost", worker.pid, why, len(worker.sessions))
+        self.workers.pop(worker.identity, None)
+        for session_id in worker.sessions:
+            self.placement.pop(session_id, None)
+        error = TierUnavailable(f"the engine worker serving this request {why}; replay the session")
+        for rid in list(worker.pending):
+            target = self._calls.pop(rid, None)
+            if isinstance(target, asyncio.Queue):
+                target.put_nowait({"error": "TierUnavailable", "message": str(error)})
+            elif target is not None and not target.done():
+                target.set_exception(error)
+
+    # ---- calls --------------------------------------------------------------------------------
+
+    def _choose(self) -> _Worker:
+        if not self.workers:
+            raise TierUnavailable("no engine worker is connected; retry shortly")
+        return min(self.workers.values(), key=lambda w: len(w.sessions) + len(w.pending))
+
+    def _worker_of(self, session_id: str) -> _Worker:
+        identity = self.placement.get(session_id)
+        if identity is None or identity not in self.workers:
+            raise SessionLost("unknown or lost session (its worker may have restarted); open a new "
+                              "session and replay from position 0")
+        return self.workers[identity]
+
+    async def _request(self, worker: _Worker, header: dict, rows=None, stream: bool = False):
+        rid = next(self._ids)
+        target = asyncio.Queue() if stream else asyncio.get_running_loop().create_future()
+        self._calls[rid] = target
+        worker.pending.add(rid)
+        await self.socket.send_multipart([worker.identity, *pack({**header, "id": rid}, rows)])
+        return rid, target
+
+    async def _ask(self, worker: _Worker, header: dict, rows=None) -> dict:
+        rid, future = await self._request(worker, header, rows)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            await self.socket.send_multipart([worker.identity, *pack({"op": "cancel", "target": rid})])
+            raise
+
+    async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
+        worker = self._choose()
+        answer = await self._ask(worker, {"op": "open", "owner": owner, "from_exit": from_exit})
+        self.placement[answer["session_id"]] = worker.identity
+        worker.sessions.add(answer["session_id"])
+        return answer["session_id"], answer["frontier"]
+
+    async def continue_(self, session_id, owner, start, rows, return_all, top_k, rollback):
+        worker = self._worker_of(session_id)
+        answer = await self._ask(worker, {"op": "continue", "session_id": session_id, "owner": owner,
+                                          "start": start, "return_all": return_all, "top_k": top_k,
+                                          "rollback": rollback}, rows)
+        return Continuation(answer["tokens"], answer["frontier"], "cloud",
+                            [TopK(ids, logits) for ids, logits in answer["top_k"]])
+
+    async def rollback(self, session_id, owner, position) -> int:
+        answer = await self._ask(self._worker_of(session_id), {
+            "op": "rollback", "session_id": session_id, "owner": owner, "position": position})
+        return answer["frontier"]
+
+    async def close(self, session_id, owner) -> None:
+        worker = self._worker_of(session_id)
+        await self._ask(worker, {"op": "close", "session_id": session_id, "owner": owner})
+        worker.sessions.discard(session_id)
+        self.placement.pop(session_id, None)
+
+    async def generate(self, owner, token_ids, max_new_tokens, sampling, stop_ids) -> AsyncIterator[int]:
+        worker = self._choose()
+        rid, stream = await self._request(worker, {
+            "op": "generate", "owner": owner, "token_ids": token_ids, "max_new_tokens": max_new_tokens,
+            "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
+                         "top_p": sampling.top_p, "seed": sampling.seed},
+            "stop_ids": list(stop_ids)}, stream=True)
+        finished = False
+        try:
+            while True:
+                header = await stream.get()
+                if "error" in header:
+                    finished = True
+                    raise rebuild_error(header)
+                if "token" in header:
+                    yield header["token"]
+                if header.get("done"):
+                    finished = True
+                    return
+        finally:
+            if not finished and worker.identity in self.workers:
+                await self.socket.send_multipart([worker.identity, *pack({"op": "cancel", "target": rid})])
+
+    async def stats(self) -> dict:
+        return {"workers": len(self.workers), "sessions": len(self.placement)}

@@ -1,0 +1,138 @@
+"""The gRPC client of a tier: `flow.tier.NextTier` over the `flow.v1.Tier` service.
+
+A device (`DeviceClient(cloud="host:port")`) and an edge forwarding to the cloud use the same
+client. gRPC status codes become the errors of `flow.tier`, so callers handle a network tier and
+the in-process reference tier alike:
+
+    UNAVAILABLE, DEADLINE_EXCEEDED, connection failures -> TierUnavailable (go offline, retry)
+    NOT_FOUND                                          -> SessionLost (reopen, replay from 0)
+    FAILED_PRECONDITION + flow-frontier                -> FrontierMismatch
+    INVALID_ARGUMENT + flow-error=family-hash          -> HashMismatchError
+    anything else                                      -> TierError with the server's message
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from flow.errors import HashMismatchError
+from flow.tier import (
+    Continuation,
+    FrontierMismatch,
+    SamplingParams,
+    SessionLost,
+    TierError,
+    TierUnavailable,
+    TopK,
+)
+from flow.v1 import tier_pb2, tier_pb2_grpc
+from flow.wire import CODEC_TO_PROTO, ERROR_KIND_KEY, FRONTIER_KEY, rows_to_tensor
+
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+
+
+def translate(err: grpc.RpcError) -> Exception:
+    """The `flow.tier` error for a failed call."""
+    code, message = err.code(), err.details() or ""
+    trailers = dict(err.trailing_metadata() or ())
+    if code in _UNAVAILABLE:
+        return TierUnavailable(f"next tier unavailable ({code.name}): {message}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return SessionLost(message)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and FRONTIER_KEY in trailers:
+        return FrontierMismatch(message, int(trailers[FRONTIER_KEY]))
+    if trailers.get(ERROR_KIND_KEY) == "family-hash":
+        return HashMismatchError(message)
+    return TierError(f"{code.name}: {message}")
+
+
+class GrpcTier:
+    """A connection to a tier's gRPC service at `address` ("host:port").
+
+    token: bearer token sent as `authorization` metadata. root_certificates (PEM bytes) turn on
+    TLS; certificate_chain + private_key add a client certificate (mutual TLS). timeout: seconds
+    per call (a streamed generate gets it per message).
+    """
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 30.0,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None, options: list | None = None):
+        self.address = address
+        self.name = "cloud"
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = options or [("grpc.max_receive_message_length", 64 << 20),
+                              ("grpc.max_send_message_length", 64 << 20)]
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = tier_pb2_grpc.TierStub(self.channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise translate(err) from None
+
+    def open(self, family_hash: str, from_exit: int, codec: str = "fp32") -> GrpcSession:
+        if codec not in CODEC_TO_PROTO:
+            raise TierError(f"unknown codec {codec!r}; choose one of {sorted(CODEC_TO_PROTO)}")
+        answer = self._call(self.stub.OpenSession, tier_pb2.OpenSessionRequest(
+            family_hash=family_hash, from_exit=from_exit, codec=CODEC_TO_PROTO[codec]))
+        self.name = answer.tier or self.name
+        return GrpcSession(self, answer.session_id, int(answer.frontier), codec)
+
+    def generate(self, token_ids: list[int], max_new_tokens: int,
+                 sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = (),
+                 family_hash: str = "") -> Iterator[int]:
+        sampling = sampling or SamplingParams()
+        request = tier_pb2.GenerateRequest(
+            family_hash=family_hash, token_ids=token_ids, max_new_tokens=max_new_tokens,
+            stop_ids=list(stop_ids),
+            sampling=tier_pb2.Sampling(temperature=sampling.temperature, top_k=sampling.top_k,
+                                       top_p=sampling.top_p, seed=sampling.seed))
+        try:
+            for message in self.stub.Generate(request, timeout=self.timeout * max(1, max_new_tokens),
+                                              metadata=self._metadata):
+                yield message.token
+        except grpc.RpcError as err:
+            raise translate(err) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class GrpcSession:
+    """A `flow.tier.TierSession` held by a `GrpcTier`."""
+
+    def __init__(self, tier: GrpcTier, session_id: str, frontier: int, codec: str):
+        self.tier, self.session_id, self.frontier, self.codec = tier, session_id, frontier, codec
+
+    def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
+                  rollback: bool = False) -> Continuation:
+        tensor = rows_to_tensor(rows, self.codec)
+        request = tier_pb2.ContinueRequest(
+            session_id=self.session_id, start=start, hidden=tensor, top_k=top_k, rollback=rollback,
+            returns=tier_pb2.RETURNS_ALL if return_all else tier_pb2.RETURNS_LAST)
+        answer = self.tier._call(self.tier.stub.Continue, request)
+        self.frontier = int(answer.frontier)
+        return Continuation(
+            tokens=list(answer.tokens), frontier=self.frontier, tier=answer.tier or self.tier.name,
+            top_k=[TopK(list(t.ids), list(t.logits)) for t in answer.top_k],
+            bytes_sent=request.ByteSize(), bytes_received=answer.ByteSize())
+
+    def rollback(self, position: int) -> int:
+        answer = self.tier._call(self.tier.stub.Rollback, tier_pb2.RollbackRequest(
+            session_id=self.session_id, position=position))
+        self.frontier = int(answer.frontier)
+        return self.frontier
+
+    def close(self) -> None:
+        self.tier._call(self.tier.stub.CloseSession,
+                        tier_pb2.CloseSessionRequest(session_id=self.session_id))
