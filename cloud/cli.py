@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--bind", default=None,
                        help="ROUTER endpoint workers connect to (default an ipc:// path; "
                             "tcp://0.0.0.0:5555 lets `python -m cloud.worker` join from other hosts)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="log lines as text or as one JSON object each (default text)")
     serve.add_argument("--token-file", type=Path, default=None,
                        help="file of accepted bearer tokens, one per line (default: no auth)")
     serve.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
@@ -47,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from cloud.service import TierSpec, serve
     from flow.errors import ConfigError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _configure_logging(args.log_format)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     tokens = ()
@@ -63,6 +68,25 @@ def run_serve(args: argparse.Namespace) -> None:
     limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
                           session_ttl_s=args.session_ttl)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,
-                    endpoint=args.bind)
+                    endpoint=args.bind, metrics_port=args.metrics_port)
     # The first stdout line names the address: scripts started with --port 0 read it.
     asyncio.run(serve(spec, ready=lambda server: print(f"listening on {server.address}", flush=True)))
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log shippers parse without a grok pattern."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), "pid": record.process}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(style: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if style == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+

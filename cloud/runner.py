@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,8 +25,9 @@ _NOTHING = object()
 class EngineThread:
     """Runs commands and engine steps on one dedicated thread."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, on_step: Callable[[int, float], None] | None = None):
         self.engine = engine
+        self.on_step = on_step  # (rows, seconds) of every step, for metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="flow-engine", daemon=True)
 
@@ -59,7 +61,10 @@ class EngineThread:
                 except queue.Empty:
                     item = _NOTHING
             if self.engine.has_work():
-                self.engine.step()
+                began = time.perf_counter()
+                rows = self.engine.step()
+                if self.on_step is not None:
+                    self.on_step(rows, time.perf_counter() - began)
             else:
                 self.engine.expire_idle()
 
@@ -85,9 +90,9 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 class InProcessEngine:
     """Coroutines over an `Engine` run by an `EngineThread` in this process."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, on_step: Callable[[int, float], None] | None = None):
         self.engine = engine
-        self.thread = EngineThread(engine)
+        self.thread = EngineThread(engine, on_step)
 
     async def start(self) -> None:
         self.thread.start()

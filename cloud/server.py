@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -47,12 +49,53 @@ class ServerConfig:
     grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
 
 
+def _observed(rpc):
+    """Count the RPC by status code and time it."""
+    @functools.wraps(rpc)
+    async def wrapper(self, request, context):
+        began, code = time.perf_counter(), "OK"
+        try:
+            return await rpc(self, request, context)
+        except BaseException:
+            code = _code_name(context)
+            raise
+        finally:
+            self.metrics.requests.labels(rpc.__name__, code).inc()
+            self.metrics.latency.labels(rpc.__name__).observe(time.perf_counter() - began)
+    return wrapper
+
+
+def _observed_stream(rpc):
+    """`_observed` for a server-streaming RPC (timed to its last message)."""
+    @functools.wraps(rpc)
+    async def wrapper(self, request, context):
+        began, code = time.perf_counter(), "OK"
+        try:
+            async for message in rpc(self, request, context):
+                yield message
+        except BaseException:
+            code = _code_name(context)
+            raise
+        finally:
+            self.metrics.requests.labels(rpc.__name__, code).inc()
+            self.metrics.latency.labels(rpc.__name__).observe(time.perf_counter() - began)
+    return wrapper
+
+
+def _code_name(context) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "CANCELLED_OR_UNKNOWN"
+
+
 class TierService(tier_pb2_grpc.TierServicer):
     """`flow.v1.Tier` for one family, over an engine client (in-process or worker processes)."""
 
     def __init__(self, engine, family_hash: str, vocab_size: int, config: ServerConfig,
-                 max_rows: int):
+                 max_rows: int, metrics=None):
+        from cloud.metrics import TierMetrics
+
         self.engine = engine
+        self.metrics = metrics or TierMetrics()
         self.family_hash = family_hash
         self.vocab_size = vocab_size
         self.config = config
@@ -84,6 +127,7 @@ class TierService(tier_pb2_grpc.TierServicer):
 
     # ---- RPCs -------------------------------------------------------------------------------
 
+    @_observed
     async def OpenSession(self, request, context):
         owner = await self._owner(context)
         await self._check_family(request.family_hash, context)
@@ -93,10 +137,12 @@ class TierService(tier_pb2_grpc.TierServicer):
         return tier_pb2.OpenSessionResponse(session_id=session_id, frontier=frontier,
                                             tier=self.config.name, max_rows=self.max_rows)
 
+    @_observed
     async def Continue(self, request, context):
         owner = await self._owner(context)
         async with _status(context):
             rows = tensor_to_rows(request.hidden)
+            self.metrics.rows_received.inc(len(rows))
             answer = await self.engine.continue_(
                 request.session_id, owner, int(request.start), rows,
                 return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
@@ -105,18 +151,21 @@ class TierService(tier_pb2_grpc.TierServicer):
             tokens=answer.tokens, frontier=answer.frontier, tier=self.config.name,
             top_k=[tier_pb2.TopK(ids=t.ids, logits=t.logits) for t in answer.top_k])
 
+    @_observed
     async def Rollback(self, request, context):
         owner = await self._owner(context)
         async with _status(context):
             frontier = await self.engine.rollback(request.session_id, owner, int(request.position))
         return tier_pb2.RollbackResponse(frontier=frontier)
 
+    @_observed
     async def CloseSession(self, request, context):
         owner = await self._owner(context)
         async with _status(context):
             await self.engine.close(request.session_id, owner)
         return tier_pb2.CloseSessionResponse()
 
+    @_observed_stream
     async def Generate(self, request, context):
         owner = await self._owner(context)
         if request.family_hash:

@@ -7,13 +7,17 @@ server on a background event loop in this process, for tests, benchmarks and the
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud.metrics import TierMetrics
 from cloud.server import ServerConfig, TierServer, TierService
 from cloud.workers import WorkerPool
+
+log = logging.getLogger("flow.cloud")
 
 
 @dataclass
@@ -26,6 +30,7 @@ class TierSpec:
     server: ServerConfig = field(default_factory=ServerConfig)
     workers: int = 0  # engine worker processes to spawn; 0 = the engine runs in this process
     endpoint: str | None = None  # ROUTER endpoint for workers (default: an ipc:// path)
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
 
 
 def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
@@ -42,12 +47,14 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
         raise ConfigError(f"--from-exit {spec.from_exit} is the full model: nothing is left to serve "
                           f"after it; choose one of 0..{config.num_exits - 2}")
     limits = spec.limits or EngineLimits()
+    metrics = TierMetrics()
     if spec.workers or spec.endpoint:
-        engine = WorkerPool(spec.endpoint or _ipc_endpoint(), family.family_hash())
+        engine = WorkerPool(spec.endpoint or _ipc_endpoint(), family.family_hash(),
+                            on_step=metrics.observe_step)
     else:
-        engine = InProcessEngine(Engine(family, limits=limits))
+        engine = InProcessEngine(Engine(family, limits=limits), on_step=metrics.observe_step)
     service = TierService(engine, family.family_hash(), config.vocab_size, spec.server,
-                          max_rows=limits.max_rows_per_request)
+                          max_rows=limits.max_rows_per_request, metrics=metrics)
     return TierServer(service, spec.server), engine
 
 
@@ -74,6 +81,11 @@ async def serve(spec: TierSpec, ready=None, family=None) -> None:
     else:
         await engine.start()
     await server.start()
+    metrics = server.service.metrics
+    http = metrics.serve_http(spec.metrics_port, spec.server.host) if spec.metrics_port is not None \
+        else None
+    server.metrics_port = http.server_port if http is not None else None
+    poller = asyncio.create_task(_poll_stats(engine, metrics))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if threading.current_thread() is threading.main_thread():
@@ -84,8 +96,21 @@ async def serve(spec: TierSpec, ready=None, family=None) -> None:
     try:
         await stop.wait()
     finally:
+        poller.cancel()
         await server.stop()
         await engine.stop()
+        if http is not None:
+            http.shutdown()
+
+
+async def _poll_stats(engine, metrics, every_s: float = 1.0) -> None:
+    """Keep the metrics' engine snapshot fresh (read at scrape time)."""
+    while True:
+        try:
+            metrics.engine.snapshot = await engine.stats()
+        except Exception as err:  # noqa: BLE001 - metrics must never take the service down
+            log.warning("reading engine stats failed: %s", err)
+        await asyncio.sleep(every_s)
 
 
 class ServerThread:

@@ -68,6 +68,7 @@ class Worker:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
         self.works: dict[int, object] = {}  # request id -> engine Work (for cancel)
+        self.steps: list[tuple[int, float]] = []  # (rows, seconds) since the last heartbeat
 
     def send(self, header: dict, rows: np.ndarray | None = None) -> None:
         self.socket.send_multipart(pack(header, rows))
@@ -90,11 +91,15 @@ class Worker:
                     return
                 self.handle(header, rows)
             if self.engine.has_work():
-                self.engine.step()
+                began = time.perf_counter()
+                rows = self.engine.step()
+                self.steps.append((rows, time.perf_counter() - began))
             else:
                 self.engine.expire_idle()
             if time.monotonic() - last_beat >= HEARTBEAT_S:
-                self.send({"op": "heartbeat", "stats": self.engine.stats()})
+                stats = {k: v for k, v in self.engine.stats().items() if k != "last_batch"}
+                self.send({"op": "heartbeat", "stats": stats, "steps": self.steps})
+                self.steps = []
                 last_beat = time.monotonic()
 
     def handle(self, header: dict, rows: np.ndarray | None) -> None:

@@ -49,13 +49,15 @@ class _Worker:
     pending: set[int] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
     process: subprocess.Popen | None = None
+    stats: dict = field(default_factory=dict)  # its engine's stats() at the last heartbeat
 
 
 class WorkerPool:
     """Engine workers behind a ROUTER socket, used through asyncio coroutines."""
 
-    def __init__(self, endpoint: str, family_hash: str, dead_after_s: float = 3.0):
+    def __init__(self, endpoint: str, family_hash: str, dead_after_s: float = 3.0, on_step=None):
         self.endpoint, self.family_hash, self.dead_after_s = endpoint, family_hash, dead_after_s
+        self.on_step = on_step  # (rows, seconds) of every worker step, for metrics
         self.workers: dict[bytes, _Worker] = {}
         self.placement: dict[str, bytes] = {}  # session id -> worker identity
         self._calls: dict[int, asyncio.Future | asyncio.Queue] = {}
@@ -121,6 +123,10 @@ class WorkerPool:
                 continue  # a worker we declared dead came back late: ignore it
             worker.last_seen = time.monotonic()
             if op == "heartbeat":
+                worker.stats = header.get("stats", {})
+                for rows, seconds in header.get("steps", ()):
+                    if self.on_step is not None:
+                        self.on_step(rows, seconds)
                 continue
             self._deliver(worker, header)
 
@@ -261,4 +267,10 @@ class WorkerPool:
                 await self.socket.send_multipart([worker.identity, *pack({"op": "cancel", "target": rid})])
 
     async def stats(self) -> dict:
-        return {"workers": len(self.workers), "sessions": len(self.placement)}
+        """The workers' engine counters summed, as of their last heartbeats."""
+        total: dict = {"workers": len(self.workers)}
+        for worker in self.workers.values():
+            for key, value in worker.stats.items():
+                if isinstance(value, int | float):
+                    total[key] = total.get(key, 0) + value
+        return total

@@ -1,5 +1,6 @@
 """The tier's gRPC service on a real port, talked to through real channels."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -210,7 +211,7 @@ def test_random_bytes_and_shapes_never_break_the_server(device_family, stub, pay
 def test_flow_serve_process_serves_and_stops_cleanly(device_family):
     family_dir, family = device_family
     process = subprocess.Popen([sys.executable, "-m", "flow.cli.main", "serve", str(family_dir),
-                                "--port", "0", "--from-exit", "0"],
+                                "--port", "0", "--from-exit", "0", "--log-format", "json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -223,7 +224,11 @@ def test_flow_serve_process_serves_and_stops_cleanly(device_family):
         tier.close()
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, process.stderr.read()[-2000:]
+        code = process.wait(30)
+    logs = process.stderr.read()
+    assert code == 0, logs[-2000:]
+    records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert any(r["message"].startswith("serving flow.v1.Tier") for r in records), logs[-2000:]
 
 
 def self_signed(directory) -> tuple[bytes, bytes]:
@@ -253,3 +258,30 @@ def test_tls_and_mutual_tls(device_family, tmp_path, mutual):
         for other in refused:
             with pytest.raises(TierUnavailable):
                 other.open(family.family_hash(), 0)
+
+
+def test_metrics_count_requests_codes_rows_and_engine_state(device_family):
+    import urllib.request
+
+    family_dir, family = device_family
+    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0))
+    spec.metrics_port = 0
+    thread = ServerThread(spec, family)
+    address = thread.start()
+    try:
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="exit", threshold=1.5)
+        client.complete(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
+        with pytest.raises(grpc.RpcError):
+            channel = grpc.insecure_channel(address)
+            tier_pb2_grpc.TierStub(channel).Continue(tier_pb2.ContinueRequest(session_id="nope"))
+        import time
+
+        time.sleep(1.2)  # one stats poll
+        port = thread.server.metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        thread.stop()
+    assert 'flow_requests_total{code="OK",method="Continue"} 5.0' in text
+    assert 'flow_requests_total{code="INVALID_ARGUMENT",method="Continue"} 1.0' in text  # no tensor
+    assert f"flow_rows_received_total {len(PROMPTS[0]) + 4}.0" in text, text
+    assert "flow_engine_batch_rows_count" in text and "flow_engine_kv_bytes_total" in text

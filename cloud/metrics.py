@@ -1,0 +1,64 @@
+"""Prometheus metrics of a tier: requests, rows, batches, step times, queue depth, KV memory.
+
+One registry per server (tests run several in one process). The front end counts requests by
+method and status code and their latency; whoever steps the engine (the engine thread, or a
+worker through its heartbeats) reports each step's rows and duration; the engine's own counters
+(sessions, free slots, queued work, KV bytes, evictions, expiries) are read from its latest
+`stats()` snapshot at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_GAUGES = {"sessions": "open continuation sessions", "generations": "whole-model generations running",
+           "free_slots": "free KV cache slots", "queued_work": "requests waiting for an engine step",
+           "kv_bytes_in_use": "KV cache bytes held by sessions",
+           "kv_bytes_total": "KV cache bytes allocated", "workers": "engine workers alive"}
+_COUNTERS = {"evictions": "idle sessions evicted for room", "expired": "idle sessions expired",
+             "steps": "engine steps", "rows": "rows run through the blocks"}
+
+
+class _EngineCollector:
+    """Exposes the newest engine `stats()` snapshot."""
+
+    def __init__(self):
+        self.snapshot: dict = {}
+
+    def collect(self):
+        for key, help_text in _GAUGES.items():
+            if key in self.snapshot:
+                yield GaugeMetricFamily(f"flow_engine_{key}", help_text, value=self.snapshot[key])
+        for key, help_text in _COUNTERS.items():
+            if key in self.snapshot:
+                yield CounterMetricFamily(f"flow_engine_{key}", help_text, value=self.snapshot[key])
+
+
+class TierMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("flow_requests", "RPCs answered, by method and status code",
+                                ["method", "code"], registry=self.registry)
+        self.latency = Histogram("flow_request_seconds", "RPC latency", ["method"],
+                                 registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
+        self.rows_received = Counter("flow_rows_received", "hand-off rows received",
+                                     registry=self.registry)
+        self.batch_rows = Histogram("flow_engine_batch_rows", "rows per engine step",
+                                    registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
+        self.step_seconds = Histogram("flow_engine_step_seconds", "duration of an engine step",
+                                      registry=self.registry,
+                                      buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.engine = _EngineCollector()
+        self.registry.register(self.engine)
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.step_seconds.observe(seconds)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics on `port`; returns the HTTP server."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
