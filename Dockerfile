@@ -1,6 +1,7 @@
-# One image for every role of the topology (trainer/export job, cloud, edge, devices, link shaper);
-# docker-compose.yml picks the role by command. The CPU build of torch keeps it small.
-FROM python:3.11-slim
+# One image per kind of machine of the topology; docker-compose.yml picks the role by command.
+#   device: ONNX Runtime, numpy, tokenizers, gRPC only (the [device] extra: no torch)
+#   full (default): the trainer/export jobs and the cloud/edge tiers (CPU build of torch)
+FROM python:3.11-slim AS base
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY flow ./flow
@@ -9,5 +10,11 @@ COPY cloud ./cloud
 COPY training ./training
 COPY protos ./protos
 COPY configs ./configs
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -e '.[cloud,train]'
+COPY examples ./examples
 ENTRYPOINT []
+
+FROM base AS device
+RUN pip install --no-cache-dir -e '.[device]'
+
+FROM base AS full
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -e '.[cloud,train]'

@@ -62,3 +62,15 @@ def test_device_copy_generates_what_the_full_family_directory_generates(device_f
     result = complete_without_torch(device_copy, int8=int8)
     assert result["tokens"] == expected.tokens
     assert result["text"] == expected.text
+
+
+def test_flow_generate_command_runs_without_torch(device_copy):
+    # the CLI loads every tier's command plugin (train, serve, generate): none may pull torch in
+    result = run_without_torch(f"""
+        from flow.cli.main import main
+        assert main(["generate", {str(device_copy)!r}, "--prompt", {PROMPT!r},
+                     "--max-new-tokens", "5", "--color", "never"]) == 0
+        assert "torch" not in sys.modules
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(PROMPT) and "5 tokens" in result.stderr
