@@ -27,6 +27,16 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-rows", type=int, default=512, help="rows per request at most (default 512)")
     serve.add_argument("--session-ttl", type=float, default=600.0,
                        help="seconds an idle session is kept (default 600)")
+    serve.add_argument("--to-exit", type=int, default=None,
+                       help="make this an edge tier: answer at exit J when its confidence passes "
+                            "--threshold, else forward to --next (default: run to the full model)")
+    serve.add_argument("--next", default=None, help="HOST:PORT of the tier an edge forwards to")
+    serve.add_argument("--next-token-file", type=Path, default=None,
+                       help="bearer token for --next (first line of the file)")
+    serve.add_argument("--policy", choices=("max_prob", "margin", "entropy"), default="max_prob",
+                       help="an edge's confidence policy (default max_prob)")
+    serve.add_argument("--threshold", type=float, default=0.8,
+                       help="an edge's confidence threshold (default 0.8)")
     serve.add_argument("--workers", type=int, default=0,
                        help="engine worker processes (ZeroMQ); 0 (default) runs the engine in this "
                             "process")
@@ -67,8 +77,12 @@ def run_serve(args: argparse.Namespace) -> None:
         client_ca=args.client_ca.read_bytes() if args.client_ca else None)
     limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
                           session_ttl_s=args.session_ttl)
+    next_token = (args.next_token_file.read_text().splitlines()[0].strip()
+                  if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,
-                    endpoint=args.bind, metrics_port=args.metrics_port)
+                    endpoint=args.bind, metrics_port=args.metrics_port, to_exit=args.to_exit,
+                    next_address=args.next, policy=args.policy, threshold=args.threshold,
+                    next_token=next_token)
     # The first stdout line names the address: scripts started with --port 0 read it.
     asyncio.run(serve(spec, ready=lambda server: print(f"listening on {server.address}", flush=True)))
 

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flow.confidence import confidence
 from flow.errors import ConfigError
 from flow.model import FamilyCache
 from flow.sampling import Sampler
@@ -136,6 +137,8 @@ class _Continue:
     done_rows: int = 0  # rows already run (a request longer than a step's budget is split)
     tokens: list[int] = field(default_factory=list)
     best: list[TopK] = field(default_factory=list)
+    handoff: list[np.ndarray] = field(default_factory=list)  # an edge's rows for the next tier
+    scores: list[float] = field(default_factory=list)  # an edge's confidence per answered row
 
     @property
     def pending_rows(self) -> int:
@@ -241,7 +244,8 @@ class Engine:
     """
 
     def __init__(self, family, first_layer: int | None = None, limits: EngineLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, to_exit: int | None = None,
+                 policy: str = "max_prob"):
         config = family.config
         self.family, self.model, self.config = family, family.model, config
         self.limits = limits or EngineLimits()
@@ -251,14 +255,24 @@ class Engine:
             raise ConfigError(f"first_layer must be in 0..{config.num_layers - 1}, got {first_layer}")
         param = family.model.embed.weight
         self.device, self.dtype = param.device, param.dtype
-        self.last_exit = config.num_exits - 1
+        # An edge engine stops at `to_exit` and answers with that exit (plus the hand-off rows
+        # after its block, for the next tier); the cloud's engine runs to the full model.
+        self.last_exit = config.num_exits - 1 if to_exit is None else config.check_exit(to_exit)
+        self.last_layer = config.exits[self.last_exit]
+        self.is_edge = self.last_exit != config.num_exits - 1
+        if self.is_edge and self.last_layer < self.first_layer:
+            raise ConfigError(f"to_exit {to_exit} sits before block {self.first_layer}")
+        self.policy = policy
         self.scratch = self.limits.max_sessions  # the extra slot padding writes to
         shape = (self.limits.max_sessions + 1, config.num_kv_heads, config.max_seq_len,
                  config.head_dim)
-        self._pool = {layer: (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                              torch.zeros(shape, dtype=self.dtype, device=self.device))
-                      for layer in range(self.first_layer, config.num_layers)}
-        self._slot_bytes = sum(2 * k[0].nbytes for k, _ in self._pool.values())
+        new_pool = lambda: (torch.zeros(shape, dtype=self.dtype, device=self.device),  # noqa: E731
+                            torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self._pool = {layer: new_pool() for layer in range(self.first_layer, self.last_layer + 1)}
+        # the answering exit's own block (an edge's exit branch) has a cache of its own
+        self._exit_pool = new_pool() if self.model.exits[self.last_exit].block is not None else None
+        self._slot_bytes = sum(2 * k[0].nbytes for k, _ in
+                               [*self._pool.values(), *([self._exit_pool] if self._exit_pool else [])])
         self._free = list(range(self.limits.max_sessions))[::-1]  # pop() hands out slot 0 first
         self._sessions: dict[str, _Session] = {}
         self._pending: dict[str, _Session] = {}  # sessions with a job, in arrival order
@@ -333,9 +347,9 @@ class Engine:
         It stops after `max_new_tokens`, after a token in `stop_ids` (which is kept), or at the
         end of the context. Its slot is held until then.
         """
-        if self.first_layer != 0:
-            raise InvalidRequest(f"this engine holds blocks {self.first_layer}.. only; whole-model "
-                                 f"generate needs every block")
+        if self.first_layer != 0 or self.is_edge:
+            raise InvalidRequest(f"this engine holds blocks {self.first_layer}..{self.last_layer} "
+                                 f"only; whole-model generate needs every block")
         tokens = self._check_token_ids(token_ids)
         max_new_tokens = _integer(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 1:
@@ -414,17 +428,27 @@ class Engine:
         return chunks
 
     def _run_group(self, first: int, generating: bool, group: list[_Chunk]) -> None:
-        """One forward of the group's chunks through blocks first..N-1, then their answers."""
+        """One forward of the group's chunks through blocks first..last_layer, then answers."""
         width = max(c.length for c in group)
         positions, token_slots = self._positions(group, width)
         row_slots = torch.tensor([c.session.slot for c in group], device=self.device)
         span = max(c.position + c.length for c in group)  # keys any real query may attend
         mask = (torch.arange(span, device=self.device) <= positions[..., None])[:, None]
-        cache = FamilyCache(blocks={layer: _PoolView(*self._pool[layer], token_slots, row_slots, span)
-                                    for layer in range(first, self.config.num_layers)})
+        view = lambda pool: _PoolView(*pool, token_slots, row_slots, span)  # noqa: E731
+        cache = FamilyCache(blocks={layer: view(self._pool[layer])
+                                    for layer in range(first, self.last_layer + 1)},
+                            exits={self.last_exit: view(self._exit_pool)} if self._exit_pool else {})
         hidden = self._token_inputs(group, width) if generating else self._row_inputs(group, width)
-        out = self.model.run_blocks(hidden, first, self.config.num_layers - 1, positions, cache, mask)
-        for chunk, logits in zip(group, self._answer_logits(out, group), strict=True):
+        out = self.model.run_blocks(hidden, first, self.last_layer, positions, cache, mask)
+        if self._exit_pool is not None:
+            # an exit block attends over every row, so the whole batch goes through the branch
+            full = self.model.run_exit(out, self.last_exit, positions, cache, mask).float()
+            answers = [full[b, list(chunk.answer_rows)] for b, chunk in enumerate(group)]
+        else:
+            answers = self._answer_logits(out, group)
+        for b, (chunk, logits) in enumerate(zip(group, answers, strict=True)):
+            if self.is_edge:  # the next tier continues from these rows
+                chunk.job.handoff.append(out[b, :chunk.length].float().cpu().numpy())
             self._advance(chunk, logits)
 
     def _positions(self, group: list[_Chunk], width: int) -> tuple[Tensor, Tensor]:
@@ -475,12 +499,18 @@ class Engine:
         job.done_rows += chunk.length
         if len(logits):
             job.tokens += logits.argmax(-1).tolist()
+            if self.is_edge:
+                job.scores += confidence(logits.cpu().numpy(), self.policy).tolist()
             if job.top_k:
                 values, ids = logits.topk(job.top_k, dim=-1)
                 job.best += [TopK(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         if chunk.final:
             session.frontier = job.start + len(job.hidden)
-            self._complete(session, Continuation(job.tokens, session.frontier, TIER_NAME, job.best))
+            answer = Continuation(job.tokens, session.frontier, TIER_NAME, job.best)
+            if self.is_edge:
+                answer.handoff = np.concatenate(job.handoff)
+                answer.scores = job.scores
+            self._complete(session, answer)
 
     def _advance_generate(self, session: _Session, job: _Generate, chunk: _Chunk,
                           logits: Tensor) -> None:
@@ -588,6 +618,9 @@ class Engine:
             raise InvalidRequest(f"exit {from_exit} has nothing after it to continue: this family's "
                                  f"exits are 0..{config.num_exits - 1} and the last is the full model")
         first = config.exits[from_exit] + 1
+        if first > self.last_layer:
+            raise InvalidRequest(f"this tier answers at exit {self.last_exit} (after block "
+                                 f"{self.last_layer}); exit {from_exit} is not before it")
         if first < self.first_layer:
             raise InvalidRequest(f"this engine serves blocks {self.first_layer}.. only; exit "
                                  f"{from_exit} needs block {first} too")

@@ -143,13 +143,24 @@ class TierService(tier_pb2_grpc.TierServicer):
         async with _status(context):
             rows = tensor_to_rows(request.hidden)
             self.metrics.rows_received.inc(len(rows))
-            answer = await self.engine.continue_(
+            answer = await self._continue(
                 request.session_id, owner, int(request.start), rows,
                 return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
                 rollback=request.rollback)
         return tier_pb2.ContinueResponse(
-            tokens=answer.tokens, frontier=answer.frontier, tier=self.config.name,
+            tokens=answer.tokens, frontier=answer.frontier, tier=answer.tier,
             top_k=[tier_pb2.TopK(ids=t.ids, logits=t.logits) for t in answer.top_k])
+
+    async def _continue(self, session_id: str, owner: str, start: int, rows, return_all: bool,
+                        top_k: int, rollback: bool):
+        """The engine's answer to a continue (an edge tier adds forwarding)."""
+        answer = await self.engine.continue_(session_id, owner, start, rows, return_all=return_all,
+                                             top_k=top_k, rollback=rollback)
+        answer.tier = self.config.name
+        return answer
+
+    async def _close(self, session_id: str, owner: str) -> None:
+        await self.engine.close(session_id, owner)
 
     @_observed
     async def Rollback(self, request, context):
@@ -162,7 +173,7 @@ class TierService(tier_pb2_grpc.TierServicer):
     async def CloseSession(self, request, context):
         owner = await self._owner(context)
         async with _status(context):
-            await self.engine.close(request.session_id, owner)
+            await self._close(request.session_id, owner)
         return tier_pb2.CloseSessionResponse()
 
     @_observed_stream

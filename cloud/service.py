@@ -31,6 +31,13 @@ class TierSpec:
     workers: int = 0  # engine worker processes to spawn; 0 = the engine runs in this process
     endpoint: str | None = None  # ROUTER endpoint for workers (default: an ipc:// path)
     metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
+    # An edge tier: answer at exit `to_exit` when its `policy` passes `threshold`, else forward
+    # to the tier at `next_address` (a `flow.tier.NextTier` object works too, for tests).
+    to_exit: int | None = None
+    next_address: object = None
+    policy: str = "max_prob"
+    threshold: float = 0.8
+    next_token: str | None = None
 
 
 def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
@@ -48,13 +55,31 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
                           f"after it; choose one of 0..{config.num_exits - 2}")
     limits = spec.limits or EngineLimits()
     metrics = TierMetrics()
+    edge = spec.to_exit is not None and spec.to_exit != config.num_exits - 1
+    if edge and spec.next_address is None:
+        raise ConfigError(f"--to-exit {spec.to_exit} stops before the full model: give --next "
+                          f"HOST:PORT of the tier to forward to")
     if spec.workers or spec.endpoint:
         engine = WorkerPool(spec.endpoint or _ipc_endpoint(), family.family_hash(),
                             on_step=metrics.observe_step)
     else:
-        engine = InProcessEngine(Engine(family, limits=limits), on_step=metrics.observe_step)
-    service = TierService(engine, family.family_hash(), config.vocab_size, spec.server,
-                          max_rows=limits.max_rows_per_request, metrics=metrics)
+        engine = InProcessEngine(Engine(family, limits=limits, to_exit=spec.to_exit if edge else None,
+                                        policy=spec.policy), on_step=metrics.observe_step)
+    common = (engine, family.family_hash(), config.vocab_size, spec.server)
+    if edge:
+        from cloud.edge import EdgeService
+        from flow.confidence import check_threshold
+        from flow.tier_client import GrpcTier
+
+        next_tier = spec.next_address
+        if isinstance(next_tier, str):
+            next_tier = GrpcTier(next_tier, token=spec.next_token)
+        service = EdgeService(*common, max_rows=limits.max_rows_per_request, metrics=metrics,
+                              next_tier=next_tier, to_exit=spec.to_exit,
+                              threshold=check_threshold(spec.policy, spec.threshold),
+                              hidden_size=config.hidden_size, max_seq_len=config.max_seq_len)
+    else:
+        service = TierService(*common, max_rows=limits.max_rows_per_request, metrics=metrics)
     return TierServer(service, spec.server), engine
 
 
@@ -65,18 +90,23 @@ def _ipc_endpoint() -> str:
     return f"ipc://{tempfile.gettempdir()}/flow-engine-{os.getpid()}-{id(object())}.sock"
 
 
-def _worker_args(limits) -> list[str]:
-    return ["--max-sessions", str(limits.max_sessions), "--max-rows", str(limits.max_rows_per_request),
+def _worker_args(spec: TierSpec) -> list[str]:
+    from cloud.engine import EngineLimits
+
+    limits = spec.limits or EngineLimits()
+    args = ["--max-sessions", str(limits.max_sessions), "--max-rows", str(limits.max_rows_per_request),
             "--session-ttl", str(limits.session_ttl_s)]
+    if spec.to_exit is not None:
+        args += ["--to-exit", str(spec.to_exit), "--policy", spec.policy]
+    return args
 
 
 async def serve(spec: TierSpec, ready=None, family=None) -> None:
     """Serve until cancelled or signalled; `ready(server)` is called once it listens."""
-    from cloud.engine import EngineLimits
 
     server, engine = build(spec, family)
     if isinstance(engine, WorkerPool):
-        engine.spawn(spec.family_dir, spec.workers, _worker_args(spec.limits or EngineLimits()))
+        engine.spawn(spec.family_dir, spec.workers, _worker_args(spec))
         await engine.start(wait_for=spec.workers)
     else:
         await engine.start()

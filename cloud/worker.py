@@ -51,7 +51,7 @@ def error_header(err: Exception) -> dict:
 
 def continuation_header(result) -> dict:
     return {"tokens": result.tokens, "frontier": result.frontier,
-            "top_k": [[t.ids, t.logits] for t in result.top_k]}
+            "top_k": [[t.ids, t.logits] for t in result.top_k], "scores": result.scores}
 
 
 # ---- the worker ---------------------------------------------------------------------------------
@@ -142,8 +142,9 @@ class Worker:
             self.send({"id": rid, "done": True, **error_header(work.error)})
         elif isinstance(work.result, list):  # a generate: its tokens went out one by one
             self.send({"id": rid, "done": True})
-        else:
-            self.send({"id": rid, "done": True, **continuation_header(work.result)})
+        else:  # an edge engine's answer carries the rows for the next tier as a frame
+            self.send({"id": rid, "done": True, **continuation_header(work.result)},
+                      work.result.handoff)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=512)
     parser.add_argument("--session-ttl", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--to-exit", type=int, default=None, help="an edge's answering exit")
+    parser.add_argument("--policy", default="max_prob", help="an edge's confidence policy")
     args = parser.parse_args(argv)
     import torch
 
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     family = Family.load(args.family)
     limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
                           session_ttl_s=args.session_ttl)
-    Worker(Engine(family, limits=limits), family.family_hash(), args.connect).run()
+    engine = Engine(family, limits=limits, to_exit=args.to_exit, policy=args.policy)
+    Worker(engine, family.family_hash(), args.connect).run()
     return 0
 
 

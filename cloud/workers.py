@@ -113,7 +113,9 @@ class WorkerPool:
     async def _receive(self) -> None:
         while True:
             identity, *frames = await self.socket.recv_multipart()
-            header, _ = unpack(frames)
+            header, rows = unpack(frames)
+            if rows is not None:
+                header["handoff"] = rows
             op = header.get("op")
             if op == "hello":
                 self._admit(identity, header)
@@ -230,7 +232,8 @@ class WorkerPool:
                                           "start": start, "return_all": return_all, "top_k": top_k,
                                           "rollback": rollback}, rows)
         return Continuation(answer["tokens"], answer["frontier"], "cloud",
-                            [TopK(ids, logits) for ids, logits in answer["top_k"]])
+                            [TopK(ids, logits) for ids, logits in answer["top_k"]],
+                            handoff=answer.get("handoff"), scores=answer.get("scores", []))
 
     async def rollback(self, session_id, owner, position) -> int:
         answer = await self._ask(self._worker_of(session_id), {

@@ -44,16 +44,9 @@ from flow.artifact import TOKENIZER_FILE, member_path, read_manifest
 from flow.calibration import CALIBRATION_FILE
 from flow.confidence import POLICIES, check_threshold, confidence
 from flow.errors import ConfigError, FlowError
+from flow.escalation import Escalation
 from flow.sampling import Sampler, check_sampling
-from flow.tier import (
-    Continuation,
-    FrontierMismatch,
-    NextTier,
-    SamplingParams,
-    SessionLost,
-    TierSession,
-    TierUnavailable,
-)
+from flow.tier import Continuation, NextTier, SamplingParams, TierUnavailable
 
 MODES = ("local", "exit", "speculative", "cloud")
 DEVICE = "device"
@@ -246,15 +239,16 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.sampler = Sampler(sampling)
         self.text = TextStream(client.tokenizer, stop)
-        self.handoff = np.zeros((client.max_seq_len, client.config.hidden_size), np.float32)
         self.fed = 0  # the device has run positions 0..fed-1
         self.logits: np.ndarray | None = None  # the device's prediction for position `fed`
-        self.session: TierSession | None = None
-        self.frontier = 0  # positions the tier holds (as far as this client knows)
-        self.rollback = False  # the tier holds positions >= frontier that must be discarded
+        # the hand-off rows by position and the next tier's session (None: local only)
+        self.escalation = (Escalation(client.tier, client.manifest.family_hash, client.exit,
+                                      client.codec, client.config.hidden_size, client.max_seq_len)
+                           if client.tier is not None else None)
         self.finish_reason = "length"
         self.timings = {"device_s": 0.0, "tier_s": 0.0, "first_token_s": 0.0, "total_s": 0.0}
-        self.bytes_sent = self.bytes_received = self.round_trips = 0
+        self._cloud_bytes = [0, 0]  # cloud mode: token ids sent, received
+        self.mode_was_cloud = 0  # cloud mode's one streamed call counts as a round trip
         self._started = 0.0
         self._emitted = 0
         self.cloud_failed = False  # cloud mode fell back to the device
@@ -266,7 +260,8 @@ class Generation:
         began = time.perf_counter()
         out = self.member.run(tokens, start)
         self.timings["device_s"] += time.perf_counter() - began
-        self.handoff[start:start + len(tokens)] = out.handoff
+        if self.escalation is not None:
+            self.escalation.record(start, out.handoff)
         self.fed = start + len(tokens)
         self.logits = out.logits[-1]
         self._draft_logits = out.logits
@@ -274,44 +269,30 @@ class Generation:
     # ---- the next tier ----------------------------------------------------------------------
 
     def escalate(self, return_all: bool, top_k: int = 0) -> tuple[int, Continuation] | None:
-        """Send the pending rows frontier..fed-1; (start, answer), or None while offline."""
+        """Send the pending rows to the next tier; (first position, answer), or None offline."""
         client = self.client
         if time.monotonic() < client._retry_at and not client.require_cloud:
             return None
-        began = time.perf_counter()
         try:
-            for _ in range(3):  # a lost session or a moved frontier: fix, then retry at once
-                try:
-                    if self.session is None:
-                        self.session = client.tier.open(client.manifest.family_hash, client.exit,
-                                                        client.codec)
-                        self.frontier, self.rollback = self.session.frontier, False
-                    start = self.frontier
-                    answer = self.session.continue_(start, self.handoff[start:self.fed], return_all,
-                                                    top_k, rollback=self.rollback)
-                    break
-                except SessionLost:
-                    self.session = None  # replay from position 0 on a new session
-                except FrontierMismatch as err:
-                    if err.frontier > self.fed:
-                        self.rollback = True  # it holds more than we know: discard the rest
-                    else:
-                        self.frontier = err.frontier
-            else:
-                raise TierUnavailable("the next tier kept refusing the session's positions")
+            return self.escalation.send(return_all, top_k)
         except TierUnavailable as err:
             if client.require_cloud:
                 raise CloudRequiredError(f"the next tier is unreachable ({err}) and "
                                          f"require_cloud=True") from err
             client._retry_at = time.monotonic() + client.retry_interval
             return None
-        finally:
-            self.timings["tier_s"] += time.perf_counter() - began
-        self.frontier, self.rollback = answer.frontier, False
-        self.round_trips += 1
-        self.bytes_sent += answer.bytes_sent
-        self.bytes_received += answer.bytes_received
-        return start, answer
+
+    @property
+    def round_trips(self) -> int:
+        return (self.escalation.round_trips if self.escalation else 0) + (self.mode_was_cloud)
+
+    @property
+    def bytes_sent(self) -> int:
+        return (self.escalation.bytes_sent if self.escalation else 0) + self._cloud_bytes[0]
+
+    @property
+    def bytes_received(self) -> int:
+        return (self.escalation.bytes_received if self.escalation else 0) + self._cloud_bytes[1]
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -331,11 +312,9 @@ class Generation:
                     yield from self._next_token()
         finally:
             self.timings["total_s"] = time.perf_counter() - self._started
-            if self.session is not None:
-                try:
-                    self.session.close()
-                except FlowError:
-                    pass  # the tier forgets idle sessions by itself
+            if self.escalation is not None:
+                self.timings["tier_s"] += self.escalation.seconds
+                self.escalation.close()
 
     @property
     def done(self) -> bool:
@@ -402,8 +381,7 @@ class Generation:
                 drafts[accepted] == verdicts[accepted]:
             accepted += 1
         kept = length + accepted  # positions 0..kept-1 are right on both sides
-        if self.frontier > kept:
-            self.frontier, self.rollback = kept, True
+        self.escalation.keep(kept)
         self.fed = min(self.fed, kept)
         for token in drafts[:accepted]:
             step = self.emit(token, DEVICE)
@@ -420,10 +398,10 @@ class Generation:
             stream = client.tier.generate(self.tokens, self.max_new_tokens, self.sampler.params,
                                           stop_ids=() if self.eos_id is None else (self.eos_id,),
                                           family_hash=client.manifest.family_hash)
-            self.bytes_sent += 4 * len(self.tokens)
-            self.round_trips += 1
+            self._cloud_bytes[0] += 4 * len(self.tokens)
+            self.mode_was_cloud = 1
             for token in stream:
-                self.bytes_received += 4
+                self._cloud_bytes[1] += 4
                 step = self.emit(token, client.tier.name)
                 if step is not None:
                     yield step

@@ -60,6 +60,10 @@ class Continuation:
     top_k: list[TopK] = field(default_factory=list)  # per returned row, when asked for
     bytes_sent: int = 0  # request payload bytes (hand-off rows as encoded)
     bytes_received: int = 0
+    # An edge engine's extras (not on the wire): the rows after its exit block for the next tier,
+    # and its exit's confidence at each returned row.
+    handoff: np.ndarray | None = None
+    scores: list[float] = field(default_factory=list)
 
 
 @dataclass

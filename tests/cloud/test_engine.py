@@ -496,3 +496,36 @@ def test_a_failed_forward_answers_its_requests_and_the_engine_goes_on(family, mo
     assert not engine.has_work() and engine.stats()["free_slots"] == 1
     got = answer(engine, session, "o", 0, h, return_all=True)  # the frontier never moved
     assert_argmax(family.logits(tokens, exit=LAST)[0], got.tokens)
+
+
+def test_an_edge_engine_answers_with_its_exit_and_hands_on_its_rows():
+    """to_exit=1: blocks after exit 0 up to exit 1's layer, exit 1's branch, and h_e1 out."""
+    import numpy as np
+
+    from builders import sharpen_heads, tiny_config
+    from cloud.engine import Engine
+    from flow import Family
+
+    family = sharpen_heads(Family.random(tiny_config(head_dim=16, max_seq_len=48), seed=5))
+    engine = Engine(family, to_exit=1)
+    prompts = [[3, 14, 15, 92, 65], [35, 89], [7, 9, 3, 2, 38, 46, 26]]
+    sessions = [engine.open_session("a", 0)[0] for _ in prompts]
+    for step in range(4):  # a catch-up chunk, then single rows, all sessions in one step
+        works = []
+        for session, prompt in zip(sessions, prompts, strict=True):
+            rows = family.handoff(prompt, exit=0)[0].numpy()
+            start = 0 if step == 0 else len(prompt) - 1
+            works.append(engine.submit_continue(session, "a", start, rows[start:], return_all=True))
+        assert engine.step() == sum(len(p) if step == 0 else 1 for p in prompts)
+        for work, prompt in zip(works, prompts, strict=True):
+            answer = work.result
+            count = len(prompt) if step == 0 else 1
+            logits = family.logits(prompt, exit=1)[0, -count:]
+            assert answer.tokens == logits.argmax(-1).tolist()
+            np.testing.assert_allclose(answer.handoff, family.handoff(prompt, exit=1)[0, -count:].numpy(),
+                                       atol=1e-5)
+            probs = logits.softmax(-1).max(-1).values.numpy()
+            np.testing.assert_allclose(answer.scores, probs, atol=1e-5)
+            prompt.append(answer.tokens[-1])
+    with pytest.raises(InvalidRequest, match="not before it"):
+        engine.open_session("a", 1)

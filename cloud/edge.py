@@ -1,0 +1,77 @@
+"""An edge tier: blocks up to exit J, answering when exit J is confident, else asking the cloud.
+
+`flow serve FAMILY --from-exit K --to-exit J --next HOST:PORT` chains tiers (device → edge →
+cloud, the AI Flow hierarchy). The edge's engine runs blocks `e_K+1 .. e_J` and exit J's branch
+and hands back the rows after block `e_J`; per session the edge keeps those rows and its own
+session on the next tier (`flow.escalation.Escalation`, the same bookkeeping a device uses):
+
+- `exit` mode (the device wants the next token at the last row): if exit J's confidence passes
+  the policy the edge answers with exit J's token; otherwise it sends the next tier every row it
+  has not seen (catch-up + current) and answers with the next tier's token.
+- `speculative` verification (a token for every row) must be the full model's: the edge always
+  forwards, and answers with the next tier's tokens for the device's rows.
+- A rollback from the device rolls back the edge's engine (the engine does it on `rollback=True`)
+  and the edge's rows on the next tier (on its next request there).
+
+When the next tier is unreachable an `exit`-mode answer falls back to exit J's own token (it is
+still a better token than the device's); a verification answers UNAVAILABLE, so the device goes
+on with its drafts offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cloud.server import TierService
+from flow.escalation import Escalation
+from flow.tier import Continuation, TierUnavailable
+
+
+class EdgeService(TierService):
+    """`flow.v1.Tier` for a tier that stops at exit `to_exit` and forwards to `next_tier`."""
+
+    def __init__(self, *args, next_tier, to_exit: int, threshold: float, hidden_size: int,
+                 max_seq_len: int, codec: str = "fp32", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.next_tier, self.to_exit, self.threshold = next_tier, to_exit, threshold
+        self.hidden_size, self.max_seq_len, self.codec = hidden_size, max_seq_len, codec
+        self._escalations: dict[str, Escalation] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _escalation(self, session_id: str) -> Escalation:
+        if session_id not in self._escalations:
+            self._escalations[session_id] = Escalation(
+                self.next_tier, self.family_hash, self.to_exit, self.codec, self.hidden_size,
+                self.max_seq_len)
+        return self._escalations[session_id]
+
+    async def _continue(self, session_id: str, owner: str, start: int, rows, return_all: bool,
+                        top_k: int, rollback: bool) -> Continuation:
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:  # one request at a time per session: the rows and frontier are shared
+            answer = await self.engine.continue_(session_id, owner, start, rows, return_all=return_all,
+                                                 top_k=top_k, rollback=rollback)
+            escalation = self._escalation(session_id)
+            escalation.keep(start)  # what the device discarded (rollback) is gone here too
+            escalation.record(start, answer.handoff)
+            if not return_all and answer.scores[-1] >= self.threshold:
+                answer.tier = self.config.name
+                return answer
+            try:
+                first, forwarded = await asyncio.to_thread(escalation.send, return_all, top_k)
+            except TierUnavailable:
+                if return_all:
+                    raise  # a verification must be the full model's: the device goes offline
+                answer.tier = self.config.name  # exit J's own token beats the device's
+                return answer
+            # the next tier answered for rows first..; the device asked about rows start..
+            skip = start - first if return_all else 0
+            return Continuation(forwarded.tokens[skip:], answer.frontier, forwarded.tier,
+                                forwarded.top_k[skip:] if return_all else forwarded.top_k)
+
+    async def _close(self, session_id: str, owner: str) -> None:
+        await super()._close(session_id, owner)
+        escalation = self._escalations.pop(session_id, None)
+        self._locks.pop(session_id, None)
+        if escalation is not None:
+            await asyncio.to_thread(escalation.close)

@@ -1,0 +1,78 @@
+"""device → edge → cloud: an edge tier answers at its own exit or forwards, exactly."""
+
+import pytest
+
+from cloud.server import ServerConfig
+from cloud.service import ServerThread, TierSpec
+from device import DeviceClient
+from flow.confidence import confidence
+from greedy import check_same_greedy, greedy
+
+PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 7, 42, 7, 42]]
+
+
+@pytest.fixture(scope="module")
+def cloud(device_family):
+    family_dir, family = device_family
+    with ServerThread(TierSpec(family_dir, 1, None, ServerConfig(port=0)), family) as address:
+        yield address
+
+
+def edge(device_family, cloud, threshold, workers=0, policy="max_prob") -> ServerThread:
+    family_dir, family = device_family
+    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0, name="edge"), to_exit=1,
+                    next_address=cloud, threshold=threshold, policy=policy, workers=workers)
+    return ServerThread(spec, family)
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "1-worker"])
+def test_speculative_through_an_edge_is_the_full_model(device_family, cloud, workers):
+    family_dir, family = device_family
+    with edge(device_family, cloud, threshold=0.0, workers=workers) as address:
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="speculative", draft_tokens=3)
+        near_ties = []
+        for prompt in PROMPTS:
+            result = client.complete(prompt, max_new_tokens=12, ignore_eos=True)
+            check_same_greedy(family, 2, prompt, result.tokens, near_ties)
+            assert set(result.tiers) <= {"device", "cloud"} and not any(result.offline)
+
+
+@pytest.mark.parametrize("edge_threshold, exit, tier", [(1.5, 2, "cloud"), (-1.0, 1, "edge")],
+                         ids=["edge-never-sure", "edge-always-sure"])
+def test_exit_mode_extremes(device_family, cloud, edge_threshold, exit, tier):
+    family_dir, family = device_family
+    with edge(device_family, cloud, edge_threshold) as address:
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="exit", threshold=1.5)
+        near_ties = []
+        for prompt in PROMPTS:
+            result = client.complete(prompt, max_new_tokens=10, ignore_eos=True)
+            assert set(result.tiers) == {tier}
+            check_same_greedy(family, exit, prompt, result.tokens, near_ties)
+
+
+def test_mixed_edge_settles_exactly_its_confident_tokens(device_family, cloud):
+    family_dir, family = device_family
+    with edge(device_family, cloud, threshold=0.3, policy="margin") as address:
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="exit", threshold=1.5)
+        result = client.complete(PROMPTS[0], max_new_tokens=20, ignore_eos=True)
+    assert 0 < result.tiers.count("edge") < 20, result.tiers
+    sequence = PROMPTS[0] + result.tokens
+    for i, tier in enumerate(result.tiers):
+        context = sequence[:len(PROMPTS[0]) + i]
+        edge_logits = family.logits(context, exit=1)[0, -1].numpy()
+        sure = confidence(edge_logits, "margin") >= 0.3
+        assert tier == ("edge" if sure else "cloud"), i
+        assert result.tokens[i] == int(family.logits(context, exit=1 if sure else 2)[0, -1].argmax())
+
+
+def test_edge_without_its_cloud_still_answers_exit_mode_with_its_own_exit(device_family):
+    family_dir, family = device_family
+    with edge(device_family, "127.0.0.1:9", threshold=1.5) as address:  # nothing listens on :9
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="exit", threshold=1.5)
+        result = client.complete(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
+        assert set(result.tiers) == {"edge"}
+        assert result.tokens == greedy(family, 1, PROMPTS[1], 6)
+        spec_client = DeviceClient(family_dir, exit=0, cloud=address, mode="speculative",
+                                   retry_interval=60)
+        result = spec_client.complete(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
+        assert all(result.offline)  # verification needs the full model: the device goes on alone
