@@ -33,17 +33,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import common
 import numpy as np
 from common import RESULTS, save_figure, write_json
 
@@ -142,20 +141,9 @@ def versions() -> dict:
 # ---- members --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def quiet():
     """Silence the exporter's and quantizer's warnings (torchvision missing, deprecations)."""
-    loggers = [logging.getLogger(name) for name in ("", "torch", "onnxscript", "onnxruntime")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+    return common.quiet("torch", "onnxscript", "onnxruntime")
 
 
 def export_variants(family, exit: int, directory: Path) -> dict[str, float]:
