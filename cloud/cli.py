@@ -25,6 +25,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--name", default="cloud", help="tier name reported to clients (default cloud)")
     serve.add_argument("--max-sessions", type=int, default=64, help="KV cache slots (default 64)")
     serve.add_argument("--max-rows", type=int, default=512, help="rows per request at most (default 512)")
+    serve.add_argument("--max-batch-rows", type=int, default=2048,
+                       help="rows one engine step takes at most (default 2048)")
     serve.add_argument("--session-ttl", type=float, default=600.0,
                        help="seconds an idle session is kept (default 600)")
     serve.add_argument("--to-exit", type=int, default=None,
@@ -76,7 +78,7 @@ def run_serve(args: argparse.Namespace) -> None:
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         client_ca=args.client_ca.read_bytes() if args.client_ca else None)
     limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
-                          session_ttl_s=args.session_ttl)
+                          max_batch_rows=args.max_batch_rows, session_ttl_s=args.session_ttl)
     next_token = (args.next_token_file.read_text().splitlines()[0].strip()
                   if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -94,8 +95,11 @@ def _worker_args(spec: TierSpec) -> list[str]:
     from cloud.engine import EngineLimits
 
     limits = spec.limits or EngineLimits()
+    # Workers share the machine: split its cores between them rather than oversubscribe.
+    threads = max(1, (os.cpu_count() or 1) // max(1, spec.workers))
     args = ["--max-sessions", str(limits.max_sessions), "--max-rows", str(limits.max_rows_per_request),
-            "--session-ttl", str(limits.session_ttl_s)]
+            "--max-batch-rows", str(limits.max_batch_rows), "--session-ttl", str(limits.session_ttl_s),
+            "--threads", str(threads)]
     if spec.to_exit is not None:
         args += ["--to-exit", str(spec.to_exit), "--policy", spec.policy]
     return args
