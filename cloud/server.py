@@ -49,36 +49,34 @@ class ServerConfig:
     grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
 
 
+@contextlib.contextmanager
+def _counted(metrics, method: str, context):
+    """Count one RPC by status code and time it (to its last message, for a stream)."""
+    began, code = time.perf_counter(), "OK"
+    try:
+        yield
+    except BaseException:
+        code = _code_name(context)
+        raise
+    finally:
+        metrics.requests.labels(method, code).inc()
+        metrics.latency.labels(method).observe(time.perf_counter() - began)
+
+
 def _observed(rpc):
-    """Count the RPC by status code and time it."""
     @functools.wraps(rpc)
     async def wrapper(self, request, context):
-        began, code = time.perf_counter(), "OK"
-        try:
+        with _counted(self.metrics, rpc.__name__, context):
             return await rpc(self, request, context)
-        except BaseException:
-            code = _code_name(context)
-            raise
-        finally:
-            self.metrics.requests.labels(rpc.__name__, code).inc()
-            self.metrics.latency.labels(rpc.__name__).observe(time.perf_counter() - began)
     return wrapper
 
 
 def _observed_stream(rpc):
-    """`_observed` for a server-streaming RPC (timed to its last message)."""
     @functools.wraps(rpc)
     async def wrapper(self, request, context):
-        began, code = time.perf_counter(), "OK"
-        try:
+        with _counted(self.metrics, rpc.__name__, context):
             async for message in rpc(self, request, context):
                 yield message
-        except BaseException:
-            code = _code_name(context)
-            raise
-        finally:
-            self.metrics.requests.labels(rpc.__name__, code).inc()
-            self.metrics.latency.labels(rpc.__name__).observe(time.perf_counter() - began)
     return wrapper
 
 
