@@ -285,3 +285,49 @@ def test_metrics_count_requests_codes_rows_and_engine_state(device_family):
     assert 'flow_requests_total{code="INVALID_ARGUMENT",method="Continue"} 1.0' in text  # no tensor
     assert f"flow_rows_received_total {len(PROMPTS[0]) + 4}.0" in text, text
     assert "flow_engine_batch_rows_count" in text and "flow_engine_kv_bytes_total" in text
+
+
+def test_a_session_answers_only_the_identity_that_opened_it(device_family):
+    family_dir, family = device_family
+    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0, tokens=("alice-token", "bob-token")))
+    with ServerThread(spec, family) as address:
+        channel = grpc.insecure_channel(address)
+        stub = tier_pb2_grpc.TierStub(channel)
+        alice, bob = (("authorization", "Bearer alice-token"),), (("authorization", "Bearer bob-token"),)
+        session = stub.OpenSession(tier_pb2.OpenSessionRequest(family_hash=family.family_hash()),
+                                   metadata=alice)
+        rows = rows_to_tensor(family.handoff(PROMPTS[0], exit=0)[0].numpy(), "fp32")
+        request = tier_pb2.ContinueRequest(session_id=session.session_id, start=0, hidden=rows)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Continue(request, metadata=bob)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # as if it did not exist
+        assert list(stub.Continue(request, metadata=alice).tokens) == greedy(family, 2, PROMPTS[0], 1)
+        channel.close()
+
+
+def test_shutdown_settles_in_flight_calls_and_stops(device_family):
+    import threading
+    import time
+
+    family_dir, family = device_family
+    thread = ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0, grace_s=1.0)), family)
+    address = thread.start()
+    outcome = {}
+
+    def long_generation():
+        try:
+            outcome["tokens"] = list(GrpcTier(address, timeout=60).generate([1, 2, 3], 80))
+        except Exception as err:  # noqa: BLE001 - recorded for the assertion below
+            outcome["error"] = err
+
+    caller = threading.Thread(target=long_generation)
+    caller.start()
+    time.sleep(0.3)  # the stream is in flight
+    began = time.monotonic()
+    thread.stop()
+    caller.join(30)
+    assert not caller.is_alive() and time.monotonic() - began < 15
+    # either it finished within the grace period, or it was told the tier went away
+    assert len(outcome.get("tokens", [])) == 80 or isinstance(outcome.get("error"), TierUnavailable)
+    with pytest.raises(TierUnavailable):
+        GrpcTier(address, timeout=2).open(family.family_hash(), 0)  # nothing listens any more
