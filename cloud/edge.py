@@ -24,7 +24,7 @@ import asyncio
 
 from cloud.server import TierService
 from flow.escalation import Escalation
-from flow.tier import Continuation, TierUnavailable
+from flow.tier import Continuation, SessionLost, TierUnavailable
 
 
 class EdgeService(TierService):
@@ -49,8 +49,13 @@ class EdgeService(TierService):
                         top_k: int, rollback: bool) -> Continuation:
         lock = self._locks.setdefault(session_id, asyncio.Lock())
         async with lock:  # one request at a time per session: the rows and frontier are shared
-            answer = await self.engine.continue_(session_id, owner, start, rows, return_all=return_all,
-                                                 top_k=top_k, rollback=rollback)
+            try:
+                answer = await self.engine.continue_(session_id, owner, start, rows,
+                                                     return_all=return_all, top_k=top_k,
+                                                     rollback=rollback)
+            except SessionLost:  # evicted or expired here: its rows upstream are stale too
+                self._forget(session_id)
+                raise
             escalation = self._escalation(session_id)
             escalation.keep(start)  # what the device discarded (rollback) is gone here too
             escalation.record(start, answer.handoff)
@@ -71,7 +76,10 @@ class EdgeService(TierService):
 
     async def _close(self, session_id: str, owner: str) -> None:
         await super()._close(session_id, owner)
-        escalation = self._escalations.pop(session_id, None)
-        self._locks.pop(session_id, None)
+        escalation = self._forget(session_id)
         if escalation is not None:
             await asyncio.to_thread(escalation.close)
+
+    def _forget(self, session_id: str) -> Escalation | None:
+        self._locks.pop(session_id, None)
+        return self._escalations.pop(session_id, None)

@@ -248,7 +248,7 @@ class Generation:
         self.finish_reason = "length"
         self.timings = {"device_s": 0.0, "tier_s": 0.0, "first_token_s": 0.0, "total_s": 0.0}
         self._cloud_bytes = [0, 0]  # cloud mode: token ids sent, received
-        self.mode_was_cloud = 0  # cloud mode's one streamed call counts as a round trip
+        self._cloud_calls = 0  # cloud mode's streamed call counts as a round trip
         self._started = 0.0
         self._emitted = 0
         self.cloud_failed = False  # cloud mode fell back to the device
@@ -264,7 +264,6 @@ class Generation:
             self.escalation.record(start, out.handoff)
         self.fed = start + len(tokens)
         self.logits = out.logits[-1]
-        self._draft_logits = out.logits
 
     # ---- the next tier ----------------------------------------------------------------------
 
@@ -284,7 +283,7 @@ class Generation:
 
     @property
     def round_trips(self) -> int:
-        return (self.escalation.round_trips if self.escalation else 0) + (self.mode_was_cloud)
+        return (self.escalation.round_trips if self.escalation else 0) + self._cloud_calls
 
     @property
     def bytes_sent(self) -> int:
@@ -399,7 +398,7 @@ class Generation:
                                           stop_ids=() if self.eos_id is None else (self.eos_id,),
                                           family_hash=client.manifest.family_hash)
             self._cloud_bytes[0] += 4 * len(self.tokens)
-            self.mode_was_cloud = 1
+            self._cloud_calls += 1
             for token in stream:
                 self._cloud_bytes[1] += 4
                 step = self.emit(token, client.tier.name)
