@@ -39,12 +39,15 @@ def block_tensor_shapes(config: FamilyConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of one decoder block's tensors, by their name inside the block."""
     h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
     q, kv = config.num_heads * d, config.num_kv_heads * d
-    return {
+    shapes = {
         "attn_norm.weight": (h,), "attn.q_proj.weight": (q, h), "attn.k_proj.weight": (kv, h),
         "attn.v_proj.weight": (kv, h), "attn.o_proj.weight": (h, q), "attn.q_norm.weight": (d,),
         "attn.k_norm.weight": (d,), "mlp_norm.weight": (h,), "mlp.gate_proj.weight": (i, h),
         "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
     }
+    if not config.arch.qk_norm:
+        del shapes["attn.q_norm.weight"], shapes["attn.k_norm.weight"]
+    return shapes
 
 
 def expected_tensors(config: FamilyConfig) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,6 @@
 """The architecture of a family: one dataclass, no torch.
 
-A family is a Qwen3-style backbone of `num_layers` blocks with exits after the blocks listed in
+A family is a decoder backbone (`architecture`: a row of `flow.architectures`) of `num_layers` blocks with exits after the blocks listed in
 `exits` (0-indexed, increasing, the last one always `num_layers - 1`). Exit k is *member k*:
 embedding + blocks `0..exits[k]` + exit branch k (one extra decoder block, a norm and an LM head;
 the last exit's branch is the backbone's own final norm and head, with no extra block).
@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from flow.architectures import DEFAULT_ARCHITECTURE, Architecture, architecture
 from flow.errors import ConfigError
 
 
@@ -30,6 +31,7 @@ class FamilyConfig:
     max_seq_len: int = 2048
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    architecture: str = DEFAULT_ARCHITECTURE  # "qwen3" or "llama" (flow.architectures)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
@@ -60,6 +62,12 @@ class FamilyConfig:
                 f"backbone's last layer {self.num_layers - 1} (the full model is the deepest member)")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ConfigError("rope_theta and rms_norm_eps must be positive")
+        architecture(self.architecture)
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture's row: what the model, export and training read."""
+        return architecture(self.architecture)
 
     # ---- exits and members ------------------------------------------------------------------
 
@@ -83,14 +91,14 @@ class FamilyConfig:
         return self.check_exit(exit) == self.num_exits - 1
 
     def member_num_layers(self, exit: int) -> int:
-        """Decoder layers of member `exit` as a standalone Qwen3 model (`e_k + 2`, or N)."""
+        """Decoder layers of member `exit` as a standalone model (`e_k + 2`, or N)."""
         return self.num_layers if self.is_final_exit(exit) else self.exit_layer(exit) + 2
 
     # ---- parameter counts (from shapes alone, so `flow info` needs no torch) -----------------
 
     def block_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
-        attention = h * d * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * d
+        attention = h * d * (2 * self.num_heads + 2 * self.num_kv_heads) + (2 * d if self.arch.qk_norm else 0)
         mlp = 3 * h * self.intermediate_size
         return attention + mlp + 2 * h
 

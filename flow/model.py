@@ -1,8 +1,8 @@
-"""The reference familial model: a Qwen3-style backbone with Ruyi2 exit branches.
+"""The reference familial model: a Qwen3- or Llama-style backbone with Ruyi2 exit branches.
 
 Read top-down: norm -> rotary -> attention -> MLP -> block -> KV cache -> exit branch -> model.
-The math is that of `transformers.Qwen3ForCausalLM` (tests hold it to 1e-4), so Qwen3
-checkpoints import as they are. There is no parallelism, export or serving code in here; those
+The math is that of `transformers.Qwen3ForCausalLM` and `LlamaForCausalLM` (tests hold it to
+1e-4), so their checkpoints import as they are; `flow.architectures` says what differs. There is no parallelism, export or serving code in here; those
 tiers reuse these modules.
 
 Positions are always explicit. A forward call gets `positions` (B, T): the absolute position of
@@ -100,7 +100,7 @@ class FamilyCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with per-head RMSNorm on q and k (Qwen3), rotary positions."""
+    """Grouped-query attention with rotary positions, and per-head RMSNorm on q and k (Qwen3)."""
 
     def __init__(self, config: FamilyConfig):
         super().__init__()
@@ -111,8 +111,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        # Qwen3 normalises each head's q and k; Llama does not (flow.architectures).
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.arch.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.arch.qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor,
                 cache: KVCache | None = None) -> Tensor:
