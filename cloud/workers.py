@@ -216,8 +216,14 @@ class WorkerPool:
         try:
             return await future
         except asyncio.CancelledError:
-            await self.socket.send_multipart([worker.identity, *pack({"op": "cancel", "target": rid})])
+            await self._cancel(worker, rid)
             raise
+
+    async def _cancel(self, worker: _Worker, rid: int) -> None:
+        """Tell a live worker to drop a call nobody waits for (not after `stop()`: the socket
+        is closed then, and the worker was told to shut down)."""
+        if worker.identity in self.workers and not self.socket.closed:
+            await self.socket.send_multipart([worker.identity, *pack({"op": "cancel", "target": rid})])
 
     async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
         worker = self._choose()
@@ -266,8 +272,8 @@ class WorkerPool:
                     finished = True
                     return
         finally:
-            if not finished and worker.identity in self.workers:
-                await self.socket.send_multipart([worker.identity, *pack({"op": "cancel", "target": rid})])
+            if not finished:
+                await self._cancel(worker, rid)
 
     async def stats(self) -> dict:
         """The workers' engine counters summed, as of their last heartbeats."""

@@ -45,6 +45,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--ignore-eos", action="store_true",
+                          help="keep generating past the end-of-text token (benchmarks, tests)")
     generate.add_argument("--int8", action="store_true", help="run the int8 member")
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     generate.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -77,7 +79,7 @@ def run_generate(args: argparse.Namespace) -> None:
                           draft_tokens=args.draft_tokens, codec=args.codec, int8=args.int8,
                           intra_op_threads=args.threads)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop=args.stop)
+                   seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     if args.json:
         result = client.complete(args.prompt, args.max_new_tokens, **options)
         print(json.dumps({**result.__dict__, "device_share": result.device_share}, indent=2))
@@ -100,6 +102,9 @@ def run_generate(args: argparse.Namespace) -> None:
              f"{generation.round_trips} round trips", f"{generation.bytes_sent / 1024:.1f} KiB sent",
              f"first token {1000 * timings['first_token_s']:.0f} ms",
              f"{count / max(timings['total_s'], 1e-9):.1f} tok/s", f"finish: {generation.finish_reason}"]
+    verified = generation.drafts_accepted + generation.drafts_rejected
+    if verified:
+        parts.append(f"drafts {generation.drafts_accepted}/{verified} accepted")
     if offline:
         parts.append(f"{offline} offline")
     print(" · ".join(parts), file=sys.stderr)

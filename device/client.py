@@ -83,6 +83,8 @@ class Completion:
     bytes_sent: int = 0
     bytes_received: int = 0
     round_trips: int = 0
+    drafts_accepted: int = 0  # speculative drafts the tier confirmed (they are tokens above)
+    drafts_rejected: int = 0  # drafts the tier verified and replaced (never shown to the user)
 
     @property
     def device_share(self) -> float:
@@ -168,7 +170,8 @@ class DeviceClient:
             text="".join(s.text for s in steps), tokens=[s.token for s in steps],
             tiers=[s.tier for s in steps], offline=[s.offline for s in steps],
             finish_reason=run.finish_reason, prompt_tokens=run.prompt_length, timings=run.timings,
-            bytes_sent=run.bytes_sent, bytes_received=run.bytes_received, round_trips=run.round_trips)
+            bytes_sent=run.bytes_sent, bytes_received=run.bytes_received, round_trips=run.round_trips,
+            drafts_accepted=run.drafts_accepted, drafts_rejected=run.drafts_rejected)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -252,6 +255,8 @@ class Generation:
         self._started = 0.0
         self._emitted = 0
         self.cloud_failed = False  # cloud mode fell back to the device
+        # speculative drafts the tier verified: kept, or replaced by its own token and dropped
+        self.drafts_accepted = self.drafts_rejected = 0
         self.eos_id = None if ignore_eos else client.eos_id
 
     # ---- the device -------------------------------------------------------------------------
@@ -380,11 +385,13 @@ class Generation:
                 drafts[accepted] == verdicts[accepted]:
             accepted += 1
         kept = length + accepted  # positions 0..kept-1 are right on both sides
+        self.drafts_rejected += len(drafts) - accepted
         self.escalation.keep(kept)
         self.fed = min(self.fed, kept)
         for token in drafts[:accepted]:
             step = self.emit(token, DEVICE)
-            if step is not None:
+            if step is not None:  # None: a stop string or EOS ended the generation before it
+                self.drafts_accepted += 1
                 yield step
         step = self.emit(verdicts[accepted], answer.tier)
         if step is not None:

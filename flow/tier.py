@@ -7,8 +7,8 @@ must equal the session's frontier) and the pending hand-off rows `h_e` for posit
 `start + n`, and answers with tokens: for the last row (`exit` mode) or for every row
 (`speculative` verification). `cloud` mode sends token ids only (`generate`).
 
-The gRPC client (issue 5) implements this protocol; `flow.reference_tier.ReferenceTier` runs the
-reference model in process and is what tests and `flow generate --cloud local` use.
+`flow.tier_client.GrpcTier` implements this protocol over gRPC; `flow.reference_tier.ReferenceTier`
+runs the reference model in process and is what tests and `flow generate --cloud local` use.
 """
 
 from __future__ import annotations

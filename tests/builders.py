@@ -41,3 +41,35 @@ def sharpen_heads(family, scale: float = 25.0):
         for branch in family.model.exits:
             branch.head.weight.mul_(scale)
     return family
+
+
+def agreeing_copy(family, damping: float = 0.25, noise: float = 0.1, seed: int = 0):
+    """A copy of `family` whose early members agree with the full model often but not always.
+
+    The blocks after exit 0 and the exit branches' blocks have their output projections scaled
+    by `damping` (they still move the residual stream, so the next tier's blocks and their KV
+    caches change its tokens), and every early exit reads the final norm and the final head plus
+    `noise` (relative to the head's spread). On the device family's prompts member 0's greedy
+    token is the full model's at about 60 % of positions (checked by a test), so speculative
+    drafts are accepted and rejected on every path.
+    """
+    import copy
+
+    import torch
+
+    family = copy.deepcopy(family)
+    model, config = family.model, family.config
+    last = config.num_exits - 1
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        damped = [*model.blocks[config.exits[0] + 1:], *(model.exits[k].block for k in range(last))]
+        for block in damped:
+            block.attn.o_proj.weight.mul_(damping)
+            block.mlp.down_proj.weight.mul_(damping)
+        head = model.exits[last].head.weight
+        for k in range(last):
+            model.exits[k].norm.weight.copy_(model.exits[last].norm.weight)
+            model.exits[k].head.weight.copy_(
+                head + noise * head.std() * torch.randn(head.shape, generator=generator))
+    family.provenance = {"source": "agreeing_copy", "damping": damping, "noise": noise}
+    return family

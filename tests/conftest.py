@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import sharpen_heads, tiny_config
+from builders import agreeing_copy, sharpen_heads, tiny_config
 from flow import Family
 
 
@@ -33,4 +33,19 @@ def device_family(tmp_path_factory) -> tuple[Path, Family]:
         export_member(family, exit, root / "fam" / "members" / str(exit) / "device.onnx")
     quantize_member(root / "fam" / "members" / "0" / "device.onnx",
                     root / "fam" / "members" / "0" / "device.int8.onnx")
+    return root / "fam", family
+
+
+@pytest.fixture(scope="session")
+def agreeing_family(device_family, tmp_path_factory) -> tuple[Path, Family]:
+    """The device family made to agree often but not always (`builders.agreeing_copy`), with its
+    tokenizer and exported members 0 and 1: what every speculative test drafts with, so that
+    drafts are accepted as well as rejected."""
+    from flow.onnx_export import export_member
+
+    root = tmp_path_factory.mktemp("agreeing-family")
+    family = agreeing_copy(device_family[1])
+    family.save(root / "fam")
+    for exit in (0, 1):
+        export_member(family, exit, root / "fam" / "members" / str(exit) / "device.onnx")
     return root / "fam", family

@@ -53,3 +53,24 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
     """)
     return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)],
                           capture_output=True, text=True, timeout=120)
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for a server that must come back on the same one)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_flow_serve(family_dir: Path, port: int = 0, *args) -> tuple[subprocess.Popen, str]:
+    """`flow serve` as a real process; returns it and its address once it listens."""
+    process = subprocess.Popen([sys.executable, "-m", "flow.cli.main", "serve", str(family_dir),
+                                "--port", str(port), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise AssertionError(f"flow serve did not start: {line!r}\n{process.stderr.read()[-3000:]}")
+    return process, line.split()[-1]

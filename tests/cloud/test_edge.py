@@ -6,7 +6,7 @@ from cloud.server import ServerConfig
 from cloud.service import ServerThread, TierSpec
 from device import DeviceClient
 from flow.confidence import confidence
-from greedy import check_same_greedy, greedy
+from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative, greedy
 
 PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 7, 42, 7, 42]]
 
@@ -14,6 +14,13 @@ PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 
 @pytest.fixture(scope="module")
 def cloud(device_family):
     family_dir, family = device_family
+    with ServerThread(TierSpec(family_dir, 1, None, ServerConfig(port=0)), family) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def agreeing_cloud(agreeing_family):
+    family_dir, family = agreeing_family
     with ServerThread(TierSpec(family_dir, 1, None, ServerConfig(port=0)), family) as address:
         yield address
 
@@ -26,15 +33,23 @@ def edge(device_family, cloud, threshold, workers=0, policy="max_prob") -> Serve
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "1-worker"])
-def test_speculative_through_an_edge_is_the_full_model(device_family, cloud, workers):
-    family_dir, family = device_family
-    with edge(device_family, cloud, threshold=0.0, workers=workers) as address:
-        client = DeviceClient(family_dir, exit=0, cloud=address, mode="speculative", draft_tokens=3)
+def test_speculative_through_an_edge_is_the_full_model(agreeing_family, agreeing_cloud, workers):
+    """Catches: an edge that answers a verification with its own exit instead of forwarding it,
+    forwards the wrong rows, or does not roll its cloud session back after a rejected draft —
+    for every draft length, with drafts accepted and rejected."""
+    family_dir, family = agreeing_family
+    with edge(agreeing_family, agreeing_cloud, threshold=0.0, workers=workers) as address:
         near_ties = []
-        for prompt in PROMPTS:
-            result = client.complete(prompt, max_new_tokens=12, ignore_eos=True)
-            check_same_greedy(family, 2, prompt, result.tokens, near_ties)
-            assert set(result.tiers) <= {"device", "cloud"} and not any(result.offline)
+        for draft_tokens in (1, 2, 3, 5, 8):
+            client = DeviceClient(family_dir, exit=0, cloud=address, mode="speculative",
+                                  draft_tokens=draft_tokens)
+            results = [client.complete(prompt, max_new_tokens=12, ignore_eos=True)
+                       for prompt in PROMPTS]
+            for prompt, result in zip(PROMPTS, results, strict=True):
+                near_ties += check_speculative(family, prompt, result, 12)
+                assert set(result.tiers) <= {"device", "cloud"}
+            check_drafts_were_accepted_and_rejected(results)
+        assert near_ties == []
 
 
 @pytest.mark.parametrize("edge_threshold, exit, tier", [(1.5, 2, "cloud"), (-1.0, 1, "edge")],
@@ -47,7 +62,8 @@ def test_exit_mode_extremes(device_family, cloud, edge_threshold, exit, tier):
         for prompt in PROMPTS:
             result = client.complete(prompt, max_new_tokens=10, ignore_eos=True)
             assert set(result.tiers) == {tier}
-            check_same_greedy(family, exit, prompt, result.tokens, near_ties)
+            near_ties += check_same_greedy(family, exit, prompt, result.tokens, 10)
+        assert near_ties == []
 
 
 def test_mixed_edge_settles_exactly_its_confident_tokens(device_family, cloud):
@@ -75,4 +91,6 @@ def test_edge_without_its_cloud_still_answers_exit_mode_with_its_own_exit(device
         spec_client = DeviceClient(family_dir, exit=0, cloud=address, mode="speculative",
                                    retry_interval=60)
         result = spec_client.complete(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
-        assert all(result.offline)  # verification needs the full model: the device goes on alone
+        # verification needs the full model: the device goes on alone with its own greedy tokens
+        assert all(result.offline) and set(result.tiers) == {"device"}
+        assert result.tokens == greedy(family, 0, PROMPTS[1], 6)

@@ -3,7 +3,6 @@
 import json
 import signal
 import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -20,7 +19,8 @@ from flow.tier import TierUnavailable
 from flow.tier_client import GrpcTier
 from flow.v1 import tier_pb2, tier_pb2_grpc
 from flow.wire import FRONTIER_KEY, rows_to_tensor
-from greedy import check_same_greedy, greedy
+from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative, greedy
+from runs import start_flow_serve
 
 PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 7, 42, 7, 42]]
 TOKEN = "s3cret-token"
@@ -57,18 +57,39 @@ def open_session(stub, family, from_exit=0):
                                                         from_exit=from_exit), metadata=AUTH)
 
 
-@pytest.mark.parametrize("mode, options", [("exit", {"threshold": 1.5}),
-                                           ("speculative", {"draft_tokens": 3}),
-                                           ("cloud", {})])
+@pytest.mark.parametrize("mode, options", [("exit", {"threshold": 1.5}), ("cloud", {})])
 def test_generations_through_the_service_are_the_full_model(device_family, server, mode, options):
+    """Catches: a token the service answers that is not the full model's, a short stream."""
     family_dir, family = device_family
     client = DeviceClient(family_dir, exit=0, cloud=server, cloud_token=TOKEN, mode=mode, **options)
     near_ties = []
     for prompt in PROMPTS:
         result = client.complete(prompt, max_new_tokens=12, ignore_eos=True)
         assert not any(result.offline) and result.round_trips >= 1
-        check_same_greedy(family, 2, prompt, result.tokens, near_ties)
-    print("near ties:", near_ties)
+        near_ties += check_same_greedy(family, 2, prompt, result.tokens, 12)
+    assert near_ties == []
+
+
+@pytest.fixture(scope="module")
+def agreeing_server(agreeing_family):
+    family_dir, family = agreeing_family
+    with ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0)), family) as address:
+        yield address
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 2, 3, 5, 8])
+def test_speculative_through_the_service_is_the_full_model(agreeing_family, agreeing_server,
+                                                           draft_tokens):
+    """Catches: the engine not discarding a rejected draft's positions on `rollback=True` (its
+    keys would be attended to), a verdict for the wrong row, and drafts never accepted."""
+    family_dir, family = agreeing_family
+    client = DeviceClient(family_dir, exit=0, cloud=agreeing_server, mode="speculative",
+                          draft_tokens=draft_tokens)
+    results = [client.complete(prompt, max_new_tokens=16, ignore_eos=True) for prompt in PROMPTS]
+    near_ties = [t for prompt, result in zip(PROMPTS, results, strict=True)
+                 for t in check_speculative(family, prompt, result, 16)]
+    check_drafts_were_accepted_and_rejected(results)
+    assert near_ties == []
 
 
 def test_exit_mode_from_a_deeper_member_through_the_service(device_family, server):
@@ -122,22 +143,50 @@ def call(stub, method, request, metadata=AUTH):
     return getattr(stub, method)(request, metadata=metadata)
 
 
+class Sequence:
+    """A session fed as a device would: the prompt's rows, then one row per answered token; each
+    answer is checked against the full model's greedy output (rows recomputed by the reference)."""
+
+    def __init__(self, stub, family, prompt, length):
+        self.stub, self.prompt = stub, list(prompt)
+        self.session_id = open_session(stub, family).session_id
+        self.expected = greedy(family, 2, self.prompt, length)
+        self.rows = family.handoff(self.prompt + self.expected, exit=0)[0].numpy()
+        self.answered = 0
+
+    def step(self) -> None:
+        start = 0 if self.answered == 0 else len(self.prompt) + self.answered - 1
+        end = len(self.prompt) + self.answered
+        answer = self.stub.Continue(tier_pb2.ContinueRequest(
+            session_id=self.session_id, start=start, hidden=rows_to_tensor(self.rows[start:end], "fp32")),
+            metadata=AUTH)
+        assert list(answer.tokens) == [self.expected[self.answered]], self.answered
+        assert answer.frontier == end
+        self.answered += 1
+
+
 def test_every_validation_rule_answers_its_code_and_others_keep_working(device_family, stub):
+    """Catches: a refused request that changes any session's state (the refused session's
+    frontier or cache, or a bystander's), or an error that stops the service for others.
+
+    A bystander generates a token after every bad request and is checked each time; the session
+    the bad requests were aimed at is used afterwards and must answer from position 0."""
     family = device_family[1]
     hidden = family.config.hidden_size
-    bystander = open_session(stub, family)
-    prompt_rows = family.handoff(PROMPTS[0], exit=0)[0].numpy()
-    victim = open_session(stub, family)
-    for name, method, request, code in bad_requests(family, victim.session_id, hidden):
+    cases = None
+    bystander = Sequence(stub, family, PROMPTS[0], 16)
+    victim = Sequence(stub, family, PROMPTS[2], 3)
+    bystander.step()
+    cases = bad_requests(family, victim.session_id, hidden)
+    for name, method, request, code in cases:
         with pytest.raises(grpc.RpcError) as caught:
             call(stub, method, request)
         assert caught.value.code() == code, (name, caught.value.details())
         assert caught.value.details(), name
-        # the bystander's next request still gets the full model's answer
-    answer = stub.Continue(tier_pb2.ContinueRequest(
-        session_id=bystander.session_id, start=0, hidden=rows_to_tensor(prompt_rows, "fp32")),
-        metadata=AUTH)
-    assert list(answer.tokens) == greedy(family, 2, PROMPTS[0], 1)
+        bystander.step()  # the bystander's next token is still the full model's
+    for _ in range(3):
+        victim.step()  # the refused requests left the victim at frontier 0, its cache intact
+    assert bystander.answered == len(cases) + 1
 
 
 def test_frontier_mismatch_carries_the_frontier(device_family, stub):
@@ -162,8 +211,21 @@ def test_authentication_and_session_ownership(device_family, stub):
         stub.OpenSession(tier_pb2.OpenSessionRequest(family_hash=family.family_hash()),
                          metadata=(("authorization", "Bearer wrong"),))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    session = open_session(stub, family)
-    assert len(session.session_id) >= 22  # unguessable
+
+    # Unguessable: 128 random bits per id (urlsafe base64), no shared prefixes, balanced bits.
+    # A counter, a timestamp or a short id fails one of these.
+    import base64
+
+    ids = []
+    for _ in range(200):
+        session = open_session(stub, family)
+        ids.append(session.session_id)
+        stub.CloseSession(tier_pb2.CloseSessionRequest(session_id=session.session_id), metadata=AUTH)
+    raw = [base64.urlsafe_b64decode(i + "=" * (-len(i) % 4)) for i in ids]
+    assert all(len(r) >= 16 for r in raw)
+    assert len({i[:8] for i in ids}) == len(ids)  # 48 bits of prefix: no two alike
+    ones = sum(bin(int.from_bytes(r, "big")).count("1") for r in raw) / sum(8 * len(r) for r in raw)
+    assert 0.47 < ones < 0.53, ones
 
 
 def test_health_and_reflection(server):
@@ -210,17 +272,12 @@ def test_random_bytes_and_shapes_never_break_the_server(device_family, stub, pay
 
 def test_flow_serve_process_serves_and_stops_cleanly(device_family):
     family_dir, family = device_family
-    process = subprocess.Popen([sys.executable, "-m", "flow.cli.main", "serve", str(family_dir),
-                                "--port", "0", "--from-exit", "0", "--log-format", "json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, address = start_flow_serve(family_dir, 0, "--from-exit", "0", "--log-format", "json")
     try:
-        line = process.stdout.readline()
-        assert line.startswith("listening on "), (line, process.stderr.read() if process.poll() else "")
-        address = line.split()[-1]
         tier = GrpcTier(address)
-        client = DeviceClient(family_dir, exit=0, cloud=tier, mode="speculative", draft_tokens=4)
+        client = DeviceClient(family_dir, exit=0, cloud=tier, mode="exit", threshold=1.5)
         result = client.complete(PROMPTS[2], max_new_tokens=8, ignore_eos=True)
-        assert result.tokens == greedy(family, 2, PROMPTS[2], 8)
+        assert result.tokens == greedy(family, 2, PROMPTS[2], 8) and result.round_trips == 8
         tier.close()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -305,29 +362,68 @@ def test_a_session_answers_only_the_identity_that_opened_it(device_family):
         channel.close()
 
 
-def test_shutdown_settles_in_flight_calls_and_stops(device_family):
+def stream_in_flight_at_shutdown(device_family, resume_worker: bool, grace_s: float) -> tuple[dict, float]:
+    """Start a Generate on a tier whose one engine worker is stopped (SIGSTOP), so the stream is
+    in flight with no token yet; then shut the tier down (`grace_s`) and, if `resume_worker`,
+    let the worker go on (SIGCONT) 0.3 s into the grace period. Returns the caller's outcome
+    and the seconds the shutdown took."""
+    import os
     import threading
     import time
 
     family_dir, family = device_family
-    thread = ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0, grace_s=1.0)), family)
+    thread = ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0, grace_s=grace_s),
+                                   workers=1), family)
     address = thread.start()
-    outcome = {}
+    (worker,) = thread.server.service.engine.workers.values()
+    os.kill(worker.pid, signal.SIGSTOP)
+    outcome, started = {}, threading.Event()
 
     def long_generation():
+        tokens = outcome.setdefault("tokens", [])
         try:
-            outcome["tokens"] = list(GrpcTier(address, timeout=60).generate([1, 2, 3], 80))
-        except Exception as err:  # noqa: BLE001 - recorded for the assertion below
+            stream = GrpcTier(address, timeout=60).generate([1, 2, 3], 24)
+            started.set()
+            for token in stream:
+                tokens.append(token)
+        except Exception as err:  # noqa: BLE001 - recorded for the assertions
             outcome["error"] = err
 
     caller = threading.Thread(target=long_generation)
     caller.start()
-    time.sleep(0.3)  # the stream is in flight
+    started.wait(10)
+    deadline = time.monotonic() + 10
+    while not worker.pending and time.monotonic() < deadline:  # the call reached the pool
+        time.sleep(0.01)
+    assert worker.pending, "the stream never reached the worker"
     began = time.monotonic()
-    thread.stop()
+    stopper = threading.Thread(target=thread.stop)
+    stopper.start()
+    time.sleep(0.3)
+    if resume_worker:
+        os.kill(worker.pid, signal.SIGCONT)
     caller.join(30)
-    assert not caller.is_alive() and time.monotonic() - began < 15
-    # either it finished within the grace period, or it was told the tier went away
-    assert len(outcome.get("tokens", [])) == 80 or isinstance(outcome.get("error"), TierUnavailable)
+    if not resume_worker:
+        os.kill(worker.pid, signal.SIGCONT)  # so that it can take its shutdown order
+    stopper.join(30)
+    assert not caller.is_alive() and not stopper.is_alive()
     with pytest.raises(TierUnavailable):
         GrpcTier(address, timeout=2).open(family.family_hash(), 0)  # nothing listens any more
+    return outcome, time.monotonic() - began
+
+
+def test_shutdown_lets_a_stream_in_flight_finish_within_the_grace_period(device_family):
+    """Catches: a shutdown that cuts streams short although they could finish in the grace
+    period, or that finishes them with wrong or missing tokens."""
+    outcome, _ = stream_in_flight_at_shutdown(device_family, resume_worker=True, grace_s=20.0)
+    assert "error" not in outcome, (len(outcome["tokens"]), outcome.get("error"))
+    assert outcome["tokens"] == greedy(device_family[1], 2, [1, 2, 3], 24)
+
+
+def test_shutdown_ends_a_stream_that_cannot_finish_as_unavailable(device_family):
+    """Catches: a shutdown that waits forever on a stream, or ends it as a success with partial
+    output: past the grace period the stream must end with UNAVAILABLE (`TierUnavailable`, the
+    documented "go on without the tier" error), within seconds."""
+    outcome, seconds = stream_in_flight_at_shutdown(device_family, resume_worker=False, grace_s=1.0)
+    assert outcome["tokens"] == [] and isinstance(outcome.get("error"), TierUnavailable), outcome
+    assert seconds < 5

@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,30 +13,35 @@ from cloud.server import ServerConfig
 from cloud.service import ServerThread, TierSpec
 from device import DeviceClient
 from flow.tier_client import GrpcTier
-from greedy import check_same_greedy
+from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative
 
 PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 7, 42, 7, 42]]
+DRAFT_TOKENS = (1, 2, 3, 5, 8)
 
 
-def serve(device_family, workers: int) -> ServerThread:
-    family_dir, family = device_family
+def serve(family_and_dir, workers: int) -> ServerThread:
+    family_dir, family = family_and_dir
     spec = TierSpec(family_dir, 0, EngineLimits(max_sessions=40, max_rows_per_request=96),
                     ServerConfig(port=0), workers=workers)
     return ServerThread(spec, family)
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["in-process", "2-workers"])
-def server(request, device_family):
-    thread = serve(device_family, request.param)
+def server(request, agreeing_family):
+    thread = serve(agreeing_family, request.param)
     address = thread.start()
     yield thread, address
     thread.stop()
 
 
-def test_32_concurrent_sessions_each_get_their_own_full_model_output(device_family, server):
-    family_dir, family = device_family
+def test_32_concurrent_sessions_each_get_their_own_full_model_output(agreeing_family, server):
+    """Catches: one session's rows, cache or rollback leaking into another's when catch-ups,
+    single steps and verifications of every draft length share batches (in process and across
+    worker processes), and speculative rounds that never accept or never reject a draft."""
+    family_dir, family = agreeing_family
     _, address = server
-    jobs = [(PROMPTS[i % 4] + [i + 1], ("exit", "speculative")[i % 2], 1 + i % 5) for i in range(32)]
+    jobs = [(PROMPTS[i % 4] + [i + 1], ("exit", "speculative")[i % 2], DRAFT_TOKENS[(i // 2) % 5])
+            for i in range(32)]
     start = threading.Barrier(32)
 
     def run(job):
@@ -43,18 +49,40 @@ def test_32_concurrent_sessions_each_get_their_own_full_model_output(device_fami
         client = DeviceClient(family_dir, exit=0, cloud=GrpcTier(address), mode=mode,
                               threshold=1.5, draft_tokens=draft, intra_op_threads=1)
         start.wait()  # all 32 sessions in flight together: catch-ups and single steps interleave
-        return client.complete(prompt, max_new_tokens=10, ignore_eos=True)
+        return client.complete(prompt, max_new_tokens=16, ignore_eos=True)
 
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(run, jobs))
-    near_ties = []
-    for (prompt, _, _), result in zip(jobs, results, strict=True):
+    near_ties, by_draft = [], {draft: [] for draft in DRAFT_TOKENS}
+    for (prompt, mode, draft), result in zip(jobs, results, strict=True):
         assert not any(result.offline)
-        check_same_greedy(family, 2, prompt, result.tokens, near_ties)
-    print("near ties:", near_ties)
+        if mode == "speculative":
+            near_ties += check_speculative(family, prompt, result, 16)
+            by_draft[draft].append(result)
+        else:
+            assert result.round_trips == 16
+            near_ties += check_same_greedy(family, 2, prompt, result.tokens, 16)
+    for results_of_draft in by_draft.values():
+        check_drafts_were_accepted_and_rejected(results_of_draft)
+    assert near_ties == []
 
 
-def test_a_killed_worker_costs_a_replay_not_the_output(device_family):
+def kill_when_in_flight(pool, identity: bytes, outcome: dict) -> None:
+    """SIGKILL a stopped worker as soon as the front end has a call waiting on it."""
+    worker = pool.workers[identity]
+    deadline = time.monotonic() + 10
+    while not worker.pending and time.monotonic() < deadline:
+        time.sleep(0.005)
+    outcome["in_flight"] = len(worker.pending)
+    os.kill(worker.pid, signal.SIGKILL)
+
+
+def test_a_worker_killed_mid_call_costs_one_offline_token_and_a_replay(device_family):
+    """Catches: a call in flight on a dying worker hanging or failing the generation, an offline
+    token that is not the member's own, and a replay onto the survivor that is not exact.
+
+    The worker holding the session is stopped (SIGSTOP) after 5 tokens, the device's next request
+    waits on it, and the worker is killed while that call is in flight."""
     family_dir, family = device_family
     thread = serve(device_family, workers=2)
     address = thread.start()
@@ -62,17 +90,24 @@ def test_a_killed_worker_costs_a_replay_not_the_output(device_family):
         pool = thread.server.service.engine
         client = DeviceClient(family_dir, exit=0, cloud=GrpcTier(address, timeout=10), mode="exit",
                               threshold=1.5, retry_interval=0.0)
-        steps = []
+        steps, outcome, killer = [], {}, None
         for step in client.generate(PROMPTS[2], max_new_tokens=16, ignore_eos=True):
             steps.append(step)
             if len(steps) == 5:
                 (identity,) = set(pool.placement.values())
-                os.kill(pool.workers[identity].pid, signal.SIGKILL)
+                os.kill(pool.workers[identity].pid, signal.SIGSTOP)
+                killer = threading.Thread(target=kill_when_in_flight, args=(pool, identity, outcome))
+                killer.start()
+        killer.join(10)
+        assert outcome["in_flight"] == 1
+        # the call on the dead worker failed: that token is the device's, the next one replays
+        assert [s.offline for s in steps] == [False] * 5 + [True] + [False] * 10
+        assert len(pool.workers) == 1  # the survivor served the replay
         sequence = PROMPTS[2] + [s.token for s in steps]
-        online = [i for i, s in enumerate(steps) if not s.offline]
-        assert len(online) >= 12 and len(pool.workers) == 1  # the survivor served the replay
-        for i in online:  # every token the cloud settled is the full model's next token
+        for i, step in enumerate(steps):
             context = sequence[:len(PROMPTS[2]) + i]
-            assert steps[i].token == int(family.logits(context, exit=2)[0, -1].argmax()), i
+            exit = 0 if step.offline else 2  # offline: member 0's token; online: the full model's
+            assert step.token == int(family.logits(context, exit=exit)[0, -1].argmax()), i
+            assert step.tier == ("device" if step.offline else "cloud")
     finally:
         thread.stop()

@@ -67,14 +67,19 @@ def test_batch_of_right_padded_rows_decodes_with_one_shared_buffer(device_family
 
 
 def test_decode_writes_the_shared_buffer_in_place(device_family):
+    """Catches: ONNX Runtime allocating a new `present` per call (a copy of the whole cache)
+    instead of writing into the buffer bound as the past. The outputs ORT hands back after each
+    call are fresh OrtValues; each must sit at the address of the host array allocated once at
+    start, and that array must hold the new rows."""
     path, family = device_family
     member = MemberSession(path / "members" / "0" / "device.onnx", max_seq_len=32)
-    before = [buffer.data_ptr() for buffer in member._cache]
-    member.run([1, 2, 3], 0)
-    member.run([4], 3)
-    assert [buffer.data_ptr() for buffer in member._cache] == before
-    key = member._cache[0].numpy()
-    assert np.abs(key[0, :, :4]).min() > 0 and not key[0, :, 4:].any()  # rows 0..3 written, no more
+    host = [array.ctypes.data for array in member._host]  # the memory allocated at start
+    for tokens, start in (([1, 2, 3], 0), ([4], 3), ([5], 4)):
+        member.run(tokens, start)
+        presents = member._binding.get_outputs()[:member.num_cache_tensors]  # new objects
+        assert [value.data_ptr() for value in presents] == host
+    key = member._host[0]
+    assert np.abs(key[0, :, :5]).min() > 0 and not key[0, :, 5:].any()  # rows 0..4 written, no more
 
 
 def test_member_from_another_family_is_refused(device_family, tmp_path):

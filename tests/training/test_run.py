@@ -57,10 +57,15 @@ def test_bad_configs_are_refused_before_any_process_starts(corpus, tmp_path, sec
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
+    """Catches: a linear decay (or any other curve) where the schedule is a cosine. The midpoint
+    (0.55 for both) cannot tell them apart; a quarter and three quarters into the decay can:
+    the cosine is at 0.8626 and 0.2374 where a linear decay is at 0.77 and 0.33."""
     train = TrainConfig.from_dict({"train": {"steps": 100, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10}}).train
     assert learning_rate(train, 0) == pytest.approx(0.1)
     assert learning_rate(train, 9) == pytest.approx(1.0)
+    assert learning_rate(train, 33) == pytest.approx(0.8626, abs=1e-4)  # 23/90 into the decay
     assert learning_rate(train, 55) == pytest.approx(0.55)
+    assert learning_rate(train, 77) == pytest.approx(0.2374, abs=1e-4)  # 67/90 into the decay
     assert learning_rate(train, 100) == pytest.approx(0.1)
 
 
