@@ -29,15 +29,16 @@ class PolicyCalibration:
     threshold: float
     device_share: float  # fraction of positions the member settles at this threshold
     agreement: float  # fraction of positions whose token equals the full model's
-    curve: list[dict[str, float]]  # (threshold, device_share, agreement) at share quantiles
+    curve: list[dict[str, float]]  # (threshold, device_share, agreement) at evenly spaced shares
 
 
-def choose_threshold(scores: np.ndarray, member_agrees: np.ndarray, target: float
-                     ) -> PolicyCalibration:
+def choose_threshold(scores: np.ndarray, member_agrees: np.ndarray, target: float,
+                     curve_points: int = 21) -> PolicyCalibration:
     """The lowest threshold whose exit-mode agreement with the full model is >= target.
 
     `scores` (n,): member confidence per position (larger = surer); `member_agrees` (n,): the
-    member's top-1 equals the full model's there.
+    member's top-1 equals the full model's there. The returned curve samples the whole
+    trade-off at `curve_points` evenly spaced device shares.
     """
     n = len(scores)
     order = np.argsort(-scores, kind="stable")
@@ -50,16 +51,27 @@ def choose_threshold(scores: np.ndarray, member_agrees: np.ndarray, target: floa
     best = max((k for k in cuts if agreement[k] >= target), default=0)
     threshold = float(sorted_scores[best - 1]) if best else float(np.nextafter(sorted_scores[0], np.inf))
     curve = []
-    for share in np.linspace(0, 1, 21):
+    for share in np.linspace(0, 1, curve_points):
         k = min(cuts, key=lambda c: abs(c - share * n))
         curve.append({"threshold": float(sorted_scores[k - 1]) if k else None,  # None: accept none
                       "device_share": k / n, "agreement": float(agreement[k])})
     return PolicyCalibration(threshold, best / n, float(agreement[best]), curve)
 
 
-def teacher_forced_scores(family, exit: int, tokens: np.ndarray, window: int, max_tokens: int
-                          ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per-position member confidence under every policy, and whether its top-1 is the full model's."""
+@dataclass
+class TeacherForced:
+    """One member on held-out windows, teacher-forced, against the full model."""
+
+    scores: dict[str, np.ndarray]  # policy -> (n,) confidence per position (larger = surer)
+    agrees: np.ndarray  # (n,) bool: the member's top-1 is the full model's
+    nll: np.ndarray  # (m,) negative log-likelihood of each next token in the text (nats)
+
+
+def teacher_forced(family, exits: list[int], tokens: np.ndarray, window: int, max_tokens: int
+                   ) -> dict[int, TeacherForced]:
+    """Each member in `exits` (the full model's included, for its loss) on windows of `tokens`:
+    confidence under every policy, agreement with the full model, and held-out loss. One forward
+    of the family per window serves every exit."""
     import torch
     from tqdm import tqdm
 
@@ -68,17 +80,26 @@ def teacher_forced_scores(family, exit: int, tokens: np.ndarray, window: int, ma
     if usable == 0:
         raise DataError(f"the held-out text has {len(tokens)} tokens, fewer than one window of "
                         f"{window}; use a smaller --window")
-    scores = {policy: [] for policy in POLICIES}
-    agrees = []
+    wanted = sorted(set(exits) | {last})
+    scores = {k: {policy: [] for policy in POLICIES} for k in wanted}
+    agrees: dict[int, list] = {k: [] for k in wanted}
+    nll: dict[int, list] = {k: [] for k in wanted}
     with torch.no_grad():
-        for i in tqdm(range(usable), desc="calibrating", unit="window"):
+        for i in tqdm(range(usable), desc="teacher-forced", unit="window"):
             ids = torch.from_numpy(np.asarray(tokens[i * window:(i + 1) * window], dtype=np.int64))
-            member, full = family.model(ids[None], exits=[exit, last])
-            member, full = member[0].float().numpy(), full[0].float().numpy()
-            for policy in POLICIES:
-                scores[policy].append(confidence(member, policy))
-            agrees.append(member.argmax(-1) == full.argmax(-1))
-    return {p: np.concatenate(s) for p, s in scores.items()}, np.concatenate(agrees)
+            outputs = dict(zip(wanted, family.model(ids[None], exits=wanted), strict=True))
+            full_top1 = outputs[last][0].argmax(-1)
+            for k, logits in outputs.items():
+                logits = logits[0].float()  # (window, vocab)
+                member = logits.numpy()
+                for policy in POLICIES:
+                    scores[k][policy].append(confidence(member, policy))
+                agrees[k].append((logits.argmax(-1) == full_top1).numpy())
+                nll[k].append(torch.nn.functional.cross_entropy(logits[:-1], ids[1:],
+                                                                reduction="none").numpy())
+    return {k: TeacherForced({p: np.concatenate(v) for p, v in scores[k].items()},
+                             np.concatenate(agrees[k]), np.concatenate(nll[k]))
+            for k in exits}
 
 
 def calibrate(family_dir: Path | str, exit: int, tokens: np.ndarray, target: float,
@@ -94,7 +115,8 @@ def calibrate(family_dir: Path | str, exit: int, tokens: np.ndarray, target: flo
     if exit == family.config.num_exits - 1:
         raise DataError(f"member {exit} is the full model: it always agrees with itself")
     window = min(window, family.config.max_seq_len)
-    scores, agrees = teacher_forced_scores(family, exit, tokens, window, max_tokens)
+    measured = teacher_forced(family, [exit], tokens, window, max_tokens)[exit]
+    scores, agrees = measured.scores, measured.agrees
     result = {"exit": exit, "family_hash": family.family_hash(), "target": target,
               "positions": int(len(agrees)), "member_top1_agreement": float(agrees.mean()),
               "thresholds": {}, "policies": {}}
