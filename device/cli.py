@@ -12,10 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-# ANSI colours per tier: device tokens plain, the next tier's bold blue, offline ones yellow.
-_COLOURS = {"device": "", "offline": "\033[33m", "tier": "\033[1;34m"}
-_RESET = "\033[0m"
-
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     generate = subcommands.add_parser(
@@ -73,6 +69,7 @@ def _next_tier(spec: str | None, family_dir: Path):
 
 def run_generate(args: argparse.Namespace) -> None:
     from device.client import DeviceClient
+    from device.show import summary, write_steps
 
     client = DeviceClient(args.family, exit=args.exit, cloud=_next_tier(args.cloud, args.family),
                           mode=args.mode, policy=args.policy, threshold=args.threshold,
@@ -86,25 +83,5 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     generation = client.generate(args.prompt, args.max_new_tokens, **options)  # checks the prompt
-    sys.stdout.write(args.prompt)
-    tiers, offline = [], 0
-    for step in generation:
-        tiers.append(step.tier)
-        offline += step.offline
-        kind = "offline" if step.offline else ("device" if step.tier == "device" else "tier")
-        code = _COLOURS[kind] if colour else ""
-        sys.stdout.write(f"{code}{step.text}{_RESET if code else ''}")
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    count, device = len(tiers), tiers.count("device")
-    timings = generation.timings
-    parts = [f"{count} tokens", f"device {device / max(count, 1):.0%}",
-             f"{generation.round_trips} round trips", f"{generation.bytes_sent / 1024:.1f} KiB sent",
-             f"first token {1000 * timings['first_token_s']:.0f} ms",
-             f"{count / max(timings['total_s'], 1e-9):.1f} tok/s", f"finish: {generation.finish_reason}"]
-    verified = generation.drafts_accepted + generation.drafts_rejected
-    if verified:
-        parts.append(f"drafts {generation.drafts_accepted}/{verified} accepted")
-    if offline:
-        parts.append(f"{offline} offline")
-    print(" · ".join(parts), file=sys.stderr)
+    write_steps(generation, args.prompt, colour)
+    print(summary(generation), file=sys.stderr)

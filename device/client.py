@@ -168,7 +168,7 @@ class DeviceClient:
         steps = list(run)
         return Completion(
             text="".join(s.text for s in steps), tokens=[s.token for s in steps],
-            tiers=[s.tier for s in steps], offline=[s.offline for s in steps],
+            tiers=run.tiers, offline=run.offline,
             finish_reason=run.finish_reason, prompt_tokens=run.prompt_length, timings=run.timings,
             bytes_sent=run.bytes_sent, bytes_received=run.bytes_received, round_trips=run.round_trips,
             drafts_accepted=run.drafts_accepted, drafts_rejected=run.drafts_rejected)
@@ -253,7 +253,8 @@ class Generation:
         self._cloud_bytes = [0, 0]  # cloud mode: token ids sent, received
         self._cloud_calls = 0  # cloud mode's streamed call counts as a round trip
         self._started = 0.0
-        self._emitted = 0
+        self.tiers: list[str] = []  # per emitted token: "device" or the tier that settled it
+        self.offline: list[bool] = []  # per emitted token: settled alone, the tier unreachable
         self.cloud_failed = False  # cloud mode fell back to the device
         # speculative drafts the tier verified: kept, or replaced by its own token and dropped
         self.drafts_accepted = self.drafts_rejected = 0
@@ -322,16 +323,17 @@ class Generation:
 
     @property
     def done(self) -> bool:
-        return (self.finish_reason == "stop" or self._emitted >= self.max_new_tokens
+        return (self.finish_reason == "stop" or len(self.tiers) >= self.max_new_tokens
                 or len(self.tokens) >= self.client.max_seq_len)
 
     def emit(self, token: int, tier: str, offline: bool = False) -> Step | None:
         if self.done:
             return None
-        if not self._emitted:
+        if not self.tiers:
             self.timings["first_token_s"] = time.perf_counter() - self._started
         self.tokens.append(token)
-        self._emitted += 1
+        self.tiers.append(tier)
+        self.offline.append(offline)
         text = self.text.push(token)
         if token == self.eos_id or self.text.stopped:
             self.finish_reason = "stop"
@@ -359,7 +361,7 @@ class Generation:
 
     def _speculative_round(self) -> Iterator[Step]:
         length = len(self.tokens)
-        budget = min(self.client.draft_tokens, self.max_new_tokens - self._emitted,
+        budget = min(self.client.draft_tokens, self.max_new_tokens - len(self.tiers),
                      self.client.max_seq_len - length)
         drafts: list[int] = []
         while len(drafts) < budget:

@@ -3,9 +3,10 @@
     python examples/two_tiers.py runs/demo/family --prompt "def fib(n):"
 
 Starts the cloud tier (`flow serve --port 0 --workers 1`: a gRPC front end and one engine worker
-process behind ZeroMQ), then generates the same continuation in every mode with member 0 on ONNX
-Runtime and prints what each mode cost: tokens settled on the device, round trips, bytes sent,
-tokens/s. `make demo` runs it.
+process behind ZeroMQ), then generates the same prompt in every mode with member 0 on ONNX
+Runtime, prints each continuation with the tokens the cloud settled in bold blue, and what each
+mode cost: tokens settled on the device, round trips, bytes sent, tokens/s, drafts accepted.
+`make demo` runs it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from device import DeviceClient
+from device.show import COLOURS, RESET, summary, write_steps
 
 
 def main() -> int:
@@ -25,6 +27,8 @@ def main() -> int:
     parser.add_argument("--prompt", default="def fib(n):")
     parser.add_argument("--exit", type=int, default=0, help="member on the device (default 0)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--no-color", dest="color", action="store_false",
+                        help="mark nothing (the summaries still give each mode's device share)")
     args = parser.parse_args()
     server = subprocess.Popen([sys.executable, "-m", "flow.cli.main", "serve", str(args.family),
                                "--port", "0", "--workers", "1", "--from-exit", str(args.exit)],
@@ -34,15 +38,15 @@ def main() -> int:
         if not line.startswith("listening on "):
             raise SystemExit(f"flow serve did not start (exit code {server.wait()})")
         address = line.split()[-1]
-        print(f"cloud tier at {address}; device runs member {args.exit}\n")
-        print(f"{'mode':12s} {'device':>7s} {'trips':>6s} {'KiB sent':>9s} {'tok/s':>7s}  text")
+        legend = (f" Tokens the device settled are plain, the cloud's {COLOURS['tier']}bold "
+                  f"blue{RESET}." if args.color else "")
+        print(f"cloud tier at {address}; device runs member {args.exit}.{legend}\n")
         for mode in ("local", "exit", "speculative", "cloud"):
             client = DeviceClient(args.family, exit=args.exit, cloud=address, mode=mode)
-            result = client.complete(args.prompt, max_new_tokens=args.max_new_tokens)
-            rate = len(result.tokens) / max(result.timings["total_s"], 1e-9)
-            text = (args.prompt + result.text).replace("\n", "⏎")[:60]
-            print(f"{mode:12s} {result.device_share:7.0%} {result.round_trips:6d} "
-                  f"{result.bytes_sent / 1024:9.1f} {rate:7.1f}  {text}")
+            print(f"── {mode} " + "─" * (60 - len(mode)))
+            generation = client.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+            write_steps(generation, args.prompt, colour=args.color)
+            print(f"   {summary(generation)}\n")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

@@ -46,7 +46,7 @@ MUTATIONS = [
              ("tests/device/test_client.py::test_speculative_mode_is_exactly_the_full_model",
               "tests/device/test_generate_command.py::test_speculative_generation_against_the_local_reference_is_the_full_model")),
     Mutation("an output truncated by one token",
-             "device/client.py", "or self._emitted >= self.max_new_tokens", "or self._emitted >= self.max_new_tokens - 1",
+             "device/client.py", "or len(self.tiers) >= self.max_new_tokens", "or len(self.tiers) >= self.max_new_tokens - 1",
              ("tests/device/test_client.py::test_exit_mode_with_no_confident_token_is_the_full_model",
               "tests/cloud/test_service.py::test_generations_through_the_service_are_the_full_model")),
     Mutation("edge keeps its cloud session's positions after a rejected draft",
