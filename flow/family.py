@@ -1,11 +1,12 @@
 """`Family`: a familial model with its tokenizer and provenance, and the artifact it lives in.
 
     fam = Family.random(FamilyConfig(...), seed=0)          # tiny families for tests
-    fam = Family.from_hf("qwen3_dir", exits=[1, 3])          # import a Qwen3 checkpoint
+    fam = Family.from_hf("hf_dir", exits=[1, 3])             # import a Qwen3 or Llama checkpoint
+    fam = Family.from_gguf("model.gguf", exits=[9, 19])     # import a llama.cpp GGUF file
     fam.save("fam_dir"); fam = Family.load("fam_dir")       # the artifact of DESIGN.md §2
     fam.logits(input_ids, exit=k)        # (B, T, vocab) logits of member k
     fam.handoff(input_ids, exit=k)       # (B, T, hidden) h_e of member k
-    fam.export_hf("member_dir", exit=k)  # member k as a standard Qwen3 directory
+    fam.export_hf("member_dir", exit=k)  # member k as a standard Qwen3 / Llama directory
 
 `k` indexes `fam.config.exits`; the last exit is the full backbone.
 """
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from flow import artifact, hf
+from flow import artifact, backbone, hf
 from flow.config import FamilyConfig, with_final_exit
 from flow.data.tokenizer import EOS_TOKEN, vocab_size_of
 from flow.errors import ArtifactError, ConfigError
@@ -73,25 +74,56 @@ class Family:
 
     @classmethod
     def from_hf(cls, path: str | Path, exits: Sequence[int], dtype: torch.dtype | None = None) -> Family:
-        """Import a Hugging Face Qwen3 checkpoint (config.json + safetensors).
+        """Import a Hugging Face Qwen3 or Llama checkpoint (config.json + safetensors).
 
-        `exits` are backbone layer indices; the last layer is always added as the deepest exit.
-        Exit branches start as copies of block `e_k + 1`, the final norm and the LM head. A
-        `tokenizer.json` beside the weights comes along.
+        config.json's `model_type` picks the architecture. `exits` are backbone layer indices;
+        the last layer is always added as the deepest exit. Exit branches start as copies of
+        block `e_k + 1`, the final norm and the LM head; tied embeddings become untied heads
+        (`flow.backbone`). A `tokenizer.json` beside the weights comes along.
         """
         path = Path(path)
-        architecture, tied = hf.read_qwen3_config(path)
-        config = FamilyConfig(**architecture, exits=with_final_exit(exits, architecture["num_layers"]))
-        tensors = hf.qwen3_to_family(hf.load_qwen3_tensors(path), config, tied)
-        model = _model_from_tensors(config, tensors, path)
-        if dtype is not None:
-            model = model.to(dtype)
+        fields, tied = hf.read_hf_config(path)
+        config = FamilyConfig(**fields, exits=with_final_exit(exits, fields["num_layers"]))
+        tensors = hf.load_hf_backbone(path, backbone.backbone_names(config, tied))
         tokenizer_path = path / "tokenizer.json"
         tokenizer_json, tokenizer_name = _read_tokenizer(
             tokenizer_path if tokenizer_path.is_file() else None, name=path.resolve().name)
+        return cls._imported(path, config, tensors, tied, dtype, tokenizer_json, tokenizer_name,
+                             {"source": "huggingface", "path": str(path.resolve()),
+                              "tied_embeddings": tied})
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, exits: Sequence[int], dtype: torch.dtype | None = None) -> Family:
+        """Import a llama.cpp GGUF file of a Llama or Qwen3 model, quantized or not.
+
+        The weights are dequantized to float32 (then converted to `dtype` if given); exits and
+        tied embeddings as for `from_hf`. The tokenizer is built from the file's metadata
+        (`flow.gguf_tokenizer`); a file without one gives a tokenizer-less family.
+        """
+        from flow.gguf import GGUFCheckpoint
+
+        path = Path(path)
+        checkpoint = GGUFCheckpoint.open(path)
+        fields, tied = checkpoint.family_fields()
+        config = FamilyConfig(**fields, exits=with_final_exit(exits, fields["num_layers"]))
+        tensors = checkpoint.backbone(config, tied)
+        tokenizer_json = checkpoint.tokenizer_json()
+        return cls._imported(path, config, tensors, tied, dtype, tokenizer_json,
+                             f"gguf-{path.stem}" if tokenizer_json is not None else None,
+                             {"source": "gguf", "path": str(path.resolve()),
+                              "sha256": artifact.file_sha256(path), "name": checkpoint.get("general.name"),
+                              "tensor_types": checkpoint.tensor_types(), "tied_embeddings": tied})
+
+    @classmethod
+    def _imported(cls, source: Path, config: FamilyConfig, tensors: dict[str, Tensor], tied: bool,
+                  dtype: torch.dtype | None, tokenizer_json: str | None, tokenizer_name: str | None,
+                  provenance: dict[str, Any]) -> Family:
+        """A family from an imported backbone, its exit branches initialised by `flow.backbone`."""
+        model = _model_from_tensors(config, backbone.family_tensors(tensors, config, tied), source)
+        if dtype is not None:
+            model = model.to(dtype)
         return cls(model, tokenizer_json=tokenizer_json, tokenizer_name=tokenizer_name,
-                   provenance={"source": "huggingface", "path": str(path.resolve()),
-                               "tied_embeddings": tied})
+                   provenance=provenance)
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Family:
@@ -157,12 +189,13 @@ class Family:
         return manifest
 
     def export_hf(self, path: str | Path, exit: int, overwrite: bool = False) -> Path:
-        """Write member `exit` as a standard Qwen3 directory that `transformers` loads."""
+        """Write member `exit` as a standard Hugging Face directory of the family's architecture
+        (`Qwen3ForCausalLM` or `LlamaForCausalLM`) that `transformers` loads."""
         self.config.check_exit(exit)
         state = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
-        tensors = hf.family_to_qwen3(state, self.config, exit)
+        tensors = hf.hf_member_tensors(state, self.config, exit)
         eos_id = self.tokenizer.token_to_id(EOS_TOKEN) if self.tokenizer is not None else None
-        config = hf.qwen3_config(self.config, exit, str(self.dtype).removeprefix("torch."), eos_id)
+        config = hf.hf_config(self.config, exit, str(self.dtype).removeprefix("torch."), eos_id)
         config["familial_flow"] = {"family_hash": self.family_hash(), "exit": exit,
                                    "exit_layer": self.config.exit_layer(exit)}
         path = Path(path)

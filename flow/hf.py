@@ -1,10 +1,12 @@
-"""Hugging Face Qwen3 checkpoints <-> family tensors.
+"""Hugging Face checkpoints (Qwen3, Llama) <-> backbone tensors and member directories.
 
-Importing keeps the backbone as it is and initialises each exit branch k from the checkpoint
-(Ruyi2): its block from block `e_k + 1`, its norm from the final norm, its head from the LM head.
-Exporting writes member k as a plain Qwen3 directory of `e_k + 2` layers (the last member: all
-layers), whose layer `e_k + 1` is the exit block. `transformers` is never imported here: the
-mapping is names and JSON, so the tests can use `transformers` as an independent oracle.
+A directory's `config.json` `model_type` picks the architecture (`flow.architectures`); the
+tensor names below are the same for every architecture this module reads (Qwen3 adds the q/k
+norms, which `block_tensor_shapes` lists only where the architecture has them). Exporting writes
+member k as a plain `Qwen3ForCausalLM` / `LlamaForCausalLM` directory of `e_k + 2` layers (the
+last member: all layers) whose layer `e_k + 1` is the exit block. `transformers` is never
+imported here: the mapping is names and JSON, so the tests can use `transformers` as an
+independent oracle.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flow.architectures import by_hf_model_type
+from flow.backbone import member_backbone
 from flow.config import FamilyConfig
 from flow.errors import ArtifactError, ConfigError
 
-# flow's name inside a block -> the Qwen3 name inside `model.layers.{i}`
-QWEN3_BLOCK_NAMES = {
+# flow's name inside a block -> the Hugging Face name inside `model.layers.{i}`
+HF_BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
@@ -30,10 +34,25 @@ QWEN3_BLOCK_NAMES = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
+_HF_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+
+# config.json switches whose non-default values change the math a family computes.
+_REFUSED_SWITCHES = ("attention_bias", "mlp_bias", "use_sliding_window")
 
 
-def read_qwen3_config(src: Path) -> tuple[dict[str, Any], bool]:
-    """Architecture fields (all but `exits`) and whether the embeddings are tied."""
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a backbone tensor (`flow.backbone`'s names)."""
+    if name.startswith("layers."):
+        _, layer, inner = name.split(".", 2)
+        return f"model.layers.{layer}.{HF_BLOCK_NAMES[inner]}"
+    return _HF_NAMES[name]
+
+
+def read_hf_config(src: Path) -> tuple[dict[str, Any], bool]:
+    """`FamilyConfig` fields (all but `exits`, `architecture` included) and whether the
+    embeddings are tied, from a Qwen3 or Llama directory's config.json; anything whose math a
+    family cannot reproduce is refused by name."""
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ArtifactError(f"{src} is not a Hugging Face checkpoint: no config.json")
@@ -41,76 +60,60 @@ def read_qwen3_config(src: Path) -> tuple[dict[str, Any], bool]:
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{config_path} is not valid JSON ({err})") from None
-    if hf.get("model_type") != "qwen3":
-        raise ConfigError(f"{src} is a {hf.get('model_type')!r} checkpoint; only Qwen3 "
-                          f"(model_type \"qwen3\", dense) checkpoints can be imported")
+    arch = by_hf_model_type(hf.get("model_type"), str(src))
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"{src} uses rope scaling {rope!r}; only default rotary embeddings "
                           f"are supported")
-    if hf.get("attention_bias") or hf.get("use_sliding_window"):
-        raise ConfigError(f"{src} uses attention bias or sliding windows, which a family does not")
+    switched = [name for name in _REFUSED_SWITCHES if hf.get(name)]
+    if switched:
+        raise ConfigError(f"{src} sets {', '.join(switched)}; a family has no biases and no "
+                          f"sliding windows")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{src} uses activation {hf['hidden_act']!r}; Qwen3 families use silu")
+        raise ConfigError(f"{src} uses activation {hf['hidden_act']!r}; families use silu (SwiGLU)")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise ConfigError(f"{src} sets pretraining_tp={hf['pretraining_tp']}; only 1 is supported")
+    absent = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads") if key not in hf]
+    if absent:
+        raise ArtifactError(f"{config_path} lacks {', '.join(absent)}")
     heads = hf["num_attention_heads"]
-    architecture = dict(
+    fields = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
-    return architecture, bool(hf.get("tie_word_embeddings", False))
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), architecture=arch.name)
+    return fields, bool(hf.get("tie_word_embeddings", False))
 
 
-def qwen3_to_family(hf: dict[str, Any], config: FamilyConfig, tied: bool) -> dict[str, Any]:
-    """Family tensors from Qwen3 tensors (values are passed through; exit copies are cloned)."""
-    def take(name: str) -> Any:
-        if name not in hf:
-            raise ArtifactError(f"the checkpoint has no tensor {name!r}; is it a complete Qwen3 "
-                                f"checkpoint with {config.num_layers} layers?")
-        return hf[name]
-
-    lm_head = take("model.embed_tokens.weight") if tied else take("lm_head.weight")
-    tensors = {"embed.weight": take("model.embed_tokens.weight")}
-    for layer in range(config.num_layers):
-        for ours, theirs in QWEN3_BLOCK_NAMES.items():
-            tensors[f"blocks.{layer}.{ours}"] = take(f"model.layers.{layer}.{theirs}")
-    for k, exit_layer in enumerate(config.exits):
-        if k < config.num_exits - 1:
-            for ours, theirs in QWEN3_BLOCK_NAMES.items():
-                tensors[f"exits.{k}.block.{ours}"] = take(f"model.layers.{exit_layer + 1}.{theirs}").clone()
-        tensors[f"exits.{k}.norm.weight"] = take("model.norm.weight").clone()
-        tensors[f"exits.{k}.head.weight"] = lm_head.clone()
-    return tensors
+def load_hf_backbone(src: Path, names: list[str]) -> dict[str, Any]:
+    """The backbone tensors `names` (`flow.backbone.backbone_names`) of a safetensors checkpoint."""
+    tensors = load_hf_tensors(src)
+    missing = [hf_name(name) for name in names if hf_name(name) not in tensors]
+    if missing:
+        raise ArtifactError(f"the checkpoint in {src} has no tensor {missing[0]!r} ({len(missing)} "
+                            f"missing); is it complete, with the layers its config.json states?")
+    return {name: tensors[hf_name(name)] for name in names}
 
 
-def family_to_qwen3(tensors: dict[str, Any], config: FamilyConfig, exit: int) -> dict[str, Any]:
-    """Qwen3 tensors of member `exit`; its last layer is the exit block (unless the last exit)."""
-    exit_layer = config.exit_layer(exit)
-    hf = {"model.embed_tokens.weight": tensors["embed.weight"],
-          "model.norm.weight": tensors[f"exits.{exit}.norm.weight"],
-          "lm_head.weight": tensors[f"exits.{exit}.head.weight"]}
-    for layer in range(exit_layer + 1):
-        for ours, theirs in QWEN3_BLOCK_NAMES.items():
-            hf[f"model.layers.{layer}.{theirs}"] = tensors[f"blocks.{layer}.{ours}"]
-    if not config.is_final_exit(exit):
-        for ours, theirs in QWEN3_BLOCK_NAMES.items():
-            hf[f"model.layers.{exit_layer + 1}.{theirs}"] = tensors[f"exits.{exit}.block.{ours}"]
-    return hf
+def hf_member_tensors(tensors: dict[str, Any], config: FamilyConfig, exit: int) -> dict[str, Any]:
+    """Member `exit`'s tensors under Hugging Face names; its last layer is the exit block."""
+    return {hf_name(name): t for name, t in member_backbone(tensors, config, exit).items()}
 
 
-def qwen3_config(config: FamilyConfig, exit: int, dtype: str, eos_token_id: int | None) -> dict[str, Any]:
-    """config.json of member `exit` as a standard Qwen3 model."""
-    layers = config.member_num_layers(exit)
+def hf_config(config: FamilyConfig, exit: int, dtype: str, eos_token_id: int | None) -> dict[str, Any]:
+    """config.json of member `exit` as a standard model of the family's architecture."""
+    arch = config.arch
     return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": [arch.hf_class],
+        "model_type": arch.hf_model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": layers,
+        "num_hidden_layers": config.member_num_layers(exit),
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim,
@@ -123,17 +126,15 @@ def qwen3_config(config: FamilyConfig, exit: int, dtype: str, eos_token_id: int 
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": layers,
         "use_cache": True,
         "torch_dtype": dtype,
         "bos_token_id": None,
         "eos_token_id": eos_token_id,
+        **arch.hf_config_extras,
     }
 
 
-def load_qwen3_tensors(src: Path) -> dict[str, Any]:
+def load_hf_tensors(src: Path) -> dict[str, Any]:
     """All tensors of a (possibly sharded) safetensors checkpoint, as torch tensors."""
     from safetensors.torch import load_file
 

@@ -8,7 +8,7 @@ outputs under the names onnxruntime-genai / optimum use:
     out: logits (B, T, vocab), handoff_hidden (B, T, hidden) = h_e,
          present.{i}.key|value
 
-Cache index i runs over the member's layers as a standalone Qwen3 model: blocks 0..e_k, then the
+Cache index i runs over the member's layers as a standalone model: blocks 0..e_k, then the
 exit block as e_k + 1 (its cache is its own, not block e_k + 1's). Rotary angles come from
 `position_ids`. Two cache layouts (`kv_cache` in the metadata):
 

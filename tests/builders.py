@@ -13,23 +13,34 @@ def tiny_config(**overrides) -> FamilyConfig:
     return FamilyConfig(**{**fields, **overrides})
 
 
-def random_qwen3_checkpoint(path: Path, seed: int = 0, tie: bool = False, **shape) -> Path:
-    """A randomly initialised `transformers` Qwen3 checkpoint saved with `save_pretrained`."""
+def random_hf_checkpoint(path: Path, model_type: str = "qwen3", seed: int = 0, tie: bool = False,
+                         **shape) -> Path:
+    """A randomly initialised `transformers` Qwen3 or Llama checkpoint saved with `save_pretrained`."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(vocab_size=101, hidden_size=32, intermediate_size=72, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
                   max_position_embeddings=128, tie_word_embeddings=tie)
     fields.update(shape)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**fields))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
     with torch.no_grad():  # default init leaves norms at 1: perturb them so a swapped norm shows
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)
     return path
+
+
+def random_qwen3_checkpoint(path: Path, seed: int = 0, tie: bool = False, **shape) -> Path:
+    """A randomly initialised `transformers` Qwen3 checkpoint."""
+    return random_hf_checkpoint(path, "qwen3", seed, tie, **shape)
+
+
+def random_llama_checkpoint(path: Path, seed: int = 0, tie: bool = False, **shape) -> Path:
+    """A randomly initialised `transformers` Llama checkpoint."""
+    return random_hf_checkpoint(path, "llama", seed, tie, **shape)
 
 
 def sharpen_heads(family, scale: float = 25.0):

@@ -18,7 +18,7 @@ from flow.config import FamilyConfig, with_final_exit
 from flow.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from flow.data.tokens import open_tokens
 from flow.errors import ConfigError, DataError
-from flow.hf import read_qwen3_config
+from flow.hf import read_hf_config
 from training.config import TrainConfig
 
 
@@ -55,7 +55,7 @@ def _family_config(config: TrainConfig, tokenizer_vocab: int) -> FamilyConfig:
     if init.source == "random":
         return config.family_config(tokenizer_vocab)
     if init.source == "hf":
-        architecture, _ = read_qwen3_config(Path(init.path))
+        architecture, _ = read_hf_config(Path(init.path))
         if exits is None:
             raise ConfigError("model.exits must list the exit layers when init.source is hf")
         return FamilyConfig(**architecture, exits=with_final_exit(exits, architecture["num_layers"]))

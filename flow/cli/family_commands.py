@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from flow.pretrained import PRETRAINED
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,22 +36,32 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=run_info)
 
     import_hf = subcommands.add_parser(
-        "import-hf", help="turn a Hugging Face Qwen3 checkpoint into a family",
-        description="Import a Qwen3 checkpoint directory (config.json + safetensors). Each exit "
+        "import-hf", help="turn a Qwen3/Llama checkpoint (Hugging Face or GGUF) into a family",
+        description="Import a Hugging Face Qwen3 or Llama directory (config.json + safetensors; "
+                    "model_type picks the architecture), a llama.cpp GGUF file (--gguf; "
+                    "quantized weights are dequantized to float32, the tokenizer is built from "
+                    "the file), or an installed pretrained model (--pretrained). Each exit "
                     "branch starts as a copy of block e+1, the final norm and the LM head.")
-    import_hf.add_argument("src", type=Path, help="Hugging Face Qwen3 directory")
+    import_hf.add_argument("src", type=Path, nargs="?", default=None,
+                           help="Hugging Face Qwen3 or Llama directory (or use --gguf / --pretrained)")
     import_hf.add_argument("out", type=Path, help="family directory to write")
+    import_hf.add_argument("--gguf", type=Path, default=None, metavar="FILE",
+                           help="import this GGUF file (Llama or Qwen3) instead of a directory")
+    import_hf.add_argument("--pretrained", choices=sorted(PRETRAINED), default=None,
+                           help="import an installed pretrained model (its file's SHA-256 is checked)")
     import_hf.add_argument("--exits", type=int, nargs="+", required=True,
                            help="exit layers (0-indexed); the last layer is always added")
     import_hf.add_argument("--dtype", choices=DTYPES, default=None,
-                           help="convert the weights (default: keep the checkpoint's dtype)")
+                           help="convert the weights (default: keep the checkpoint's dtype; GGUF: "
+                                "float32)")
     import_hf.add_argument("--force", action="store_true", help="replace OUT if it exists")
     import_hf.set_defaults(handler=run_import_hf)
 
     export_hf = subcommands.add_parser(
-        "export-hf", help="write one member as a standard Hugging Face Qwen3 directory",
-        description="Write member K (embedding, blocks 0..e_K, exit branch K) as a plain Qwen3 "
-                    "checkpoint with e_K + 2 layers (the last member: all layers).")
+        "export-hf", help="write one member as a standard Hugging Face Qwen3/Llama directory",
+        description="Write member K (embedding, blocks 0..e_K, exit branch K) as a plain "
+                    "checkpoint of the family's architecture (Qwen3ForCausalLM or "
+                    "LlamaForCausalLM) with e_K + 2 layers (the last member: all layers).")
     export_hf.add_argument("family", type=Path, help="family directory")
     export_hf.add_argument("out", type=Path, help="directory to write")
     export_hf.add_argument("--exit", type=int, required=True, help="member index K (0 = shallowest)")
@@ -148,11 +160,23 @@ def run_new(args: argparse.Namespace) -> None:
 
 
 def run_import_hf(args: argparse.Namespace) -> None:
+    from flow.errors import ConfigError
     from flow.family import Family
+    from flow.pretrained import pretrained_file
 
-    family = Family.from_hf(args.src, exits=args.exits, dtype=_torch_dtype(args.dtype))
+    sources = [given for given in (args.src, args.gguf, args.pretrained) if given is not None]
+    if len(sources) != 1:
+        raise ConfigError("give exactly one source: a Hugging Face directory SRC, --gguf FILE or "
+                          "--pretrained NAME")
+    dtype = _torch_dtype(args.dtype)
+    if args.src is not None:
+        family = Family.from_hf(args.src, exits=args.exits, dtype=dtype)
+    else:
+        path = args.gguf if args.gguf is not None else pretrained_file(args.pretrained)
+        family = Family.from_gguf(path, exits=args.exits, dtype=dtype)
     manifest = family.save(args.out, overwrite=args.force)
-    print(f"wrote {args.out}: {describe_exits(family.config)}, hash {manifest.family_hash[:16]}")
+    print(f"wrote {args.out}: {family.config.architecture}, {describe_exits(family.config)}, "
+          f"hash {manifest.family_hash[:16]}")
 
 
 def run_export_hf(args: argparse.Namespace) -> None:
@@ -161,7 +185,7 @@ def run_export_hf(args: argparse.Namespace) -> None:
     family = Family.load(args.family)
     family.config.check_exit(args.exit)
     path = family.export_hf(args.out, exit=args.exit, overwrite=args.force)
-    print(f"wrote {path}: member {args.exit} as a Qwen3 model with "
+    print(f"wrote {path}: member {args.exit} as a {family.config.arch.hf_class} with "
           f"{family.config.member_num_layers(args.exit)} layers")
 
 
@@ -180,7 +204,8 @@ def run_info(args: argparse.Namespace) -> None:
     c = config
     print(f"family     {args.family}")
     print(f"hash       {manifest.family_hash}")
-    print(f"backbone   {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+    print(f"backbone   {c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
+          f"MLP {c.intermediate_size}, "
           f"heads {c.num_heads} (kv {c.num_kv_heads}) x {c.head_dim}, vocab {c.vocab_size}, "
           f"context {c.max_seq_len}, {manifest.weights_dtype}")
     print(f"parameters {c.total_parameters():,} stored")

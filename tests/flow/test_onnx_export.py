@@ -109,3 +109,64 @@ def test_exporting_a_bfloat16_family_leaves_the_family_untouched(tmp_path):
     before = family.family_hash()
     export_member(family, 0, tmp_path / "device.onnx")
     assert family.dtype == torch.bfloat16 and family.family_hash() == before
+
+
+# ---- Llama members: both cache layouts and int8, through the device runtime ------------------------
+
+LLAMA_CONFIG = dict(architecture="llama", head_dim=16, num_heads=6, num_kv_heads=2, rope_theta=100000.0,
+                    rms_norm_eps=1e-5)  # heads * head_dim (96) != hidden (48); SmolLM2's theta and eps
+
+
+@pytest.fixture(scope="module")
+def llama_family():
+    from builders import sharpen_heads
+
+    return sharpen_heads(Family.random(tiny_config(**LLAMA_CONFIG), seed=5))
+
+
+@pytest.fixture(scope="module")
+def llama_member(llama_family, tmp_path_factory):
+    """`(exit, kv_cache) -> path` of the exported member, each exported once per module."""
+    exported = {}
+
+    def path(exit, kv_cache):
+        if (exit, kv_cache) not in exported:
+            target = tmp_path_factory.mktemp("llama") / "device.onnx"
+            exported[exit, kv_cache] = export_member(llama_family, exit, target, kv_cache=kv_cache)
+        return exported[exit, kv_cache]
+    return path
+
+
+@pytest.mark.parametrize("exit, kv_cache", [(0, "shared"), (0, "concat"), (2, "shared")],
+                         ids=["early-exit-shared", "early-exit-concat", "last-exit-shared"])
+def test_llama_member_matches_the_reference(llama_family, llama_member, exit, kv_cache):
+    from device.member import MemberSession
+
+    member = MemberSession(llama_member(exit, kv_cache), family_hash=llama_family.family_hash(), exit=exit)
+    assert member.info.kv_cache == kv_cache
+    tokens = [17, 3, 60, 9, 41, 8]
+    out = member.run(tokens, 0)
+    np.testing.assert_allclose(out.logits, llama_family.logits(tokens, exit=exit)[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.handoff, llama_family.handoff(tokens, exit=exit)[0].numpy(), atol=1e-4)
+    for _ in range(5):  # decode fed with the member's own cache
+        tokens.append(int(out.logits[-1].argmax()))
+        out = member.run(tokens[-1:], len(tokens) - 1)
+        np.testing.assert_allclose(out.logits[0], llama_family.logits(tokens, exit=exit)[0, -1].numpy(),
+                                   atol=1e-4)
+    tokens = tokens[:7] + [1, 2]  # roll back and feed a different chunk
+    out = member.run(tokens[7:], 7)
+    np.testing.assert_allclose(out.logits, llama_family.logits(tokens, exit=exit)[0, 7:].numpy(), atol=1e-4)
+
+
+def test_llama_int8_member_follows_the_reference_loosely(llama_family, llama_member, tmp_path):
+    from device.member import MemberSession
+    from flow.onnx_export import quantize_member
+
+    int8 = MemberSession(quantize_member(llama_member(0, "shared"), tmp_path / "device.int8.onnx"))
+    assert int8.info.weights == "int8"
+    tokens = np.random.default_rng(0).integers(0, llama_family.config.vocab_size, 40).tolist()
+    logits = int8.run(tokens, 0).logits
+    reference = llama_family.logits(tokens, exit=0)[0].numpy()
+    spread = reference.max() - reference.min()
+    assert np.abs(logits - reference).max() < 0.03 * spread  # per-channel int8: close, not exact
+    assert np.mean(logits.argmax(-1) == reference.argmax(-1)) >= 0.9
