@@ -1,13 +1,17 @@
-"""Faults of a real `flow serve` process, seen by a device over gRPC: the tier stopped (frozen),
-killed, and restarted on the same port in the middle of a generation."""
+"""Faults of a real tier seen by a device over gRPC: a `flow serve` process stopped (frozen),
+killed, and restarted on the same port in the middle of a generation, and an answer lost on its
+way back after the tier ran the request."""
 
 import signal
 
 import grpc
 import pytest
 
+from cloud.server import ServerConfig
+from cloud.service import ServerThread, TierSpec
 from device import DeviceClient
 from device.client import CloudRequiredError
+from flow.tier import TierUnavailable
 from flow.tier_client import GrpcTier
 from greedy import greedy
 from runs import free_port, start_flow_serve
@@ -17,9 +21,7 @@ PROMPT = [17, 3, 250, 9]
 
 def test_a_frozen_killed_and_restarted_tier_costs_offline_tokens_then_an_exact_replay(device_family):
     """Catches: a device that hangs or fails when its tier freezes or dies, an offline token
-    that is not the member's own, a late answer of a frozen tier (which applied a request the
-    device had given up on) corrupting the positions, and a replay after a restart that is not
-    the full model's.
+    that is not the member's own, and a replay after a restart that is not the full model's.
 
     Exit mode escalates every token. After token 3 the tier is frozen (SIGSTOP): calls time out,
     the device goes on with member 0. After token 5 it thaws (SIGCONT) and answers again. After
@@ -76,3 +78,66 @@ def test_require_cloud_fails_fast_against_a_dead_tier_and_cloud_mode_falls_back(
     fallback = DeviceClient(family_dir, exit=0, cloud=GrpcTier(address, timeout=2), mode="cloud")
     result = fallback.complete(PROMPT, max_new_tokens=5, ignore_eos=True)
     assert result.offline == [True] * 5 and result.tokens == greedy(family, 0, PROMPT, 5)
+
+
+class AnswerLost:
+    """A `NextTier` wrapper (a test double at the tier seam): after `lose_next_answer()`, the
+    next `continue_` reaches the real tier, which runs it, but its answer is lost on the way back
+    (`TierUnavailable`), as when a link drops between the server's reply and the device."""
+
+    def __init__(self, tier):
+        self.tier, self.name, self._lose = tier, tier.name, False
+
+    def lose_next_answer(self) -> None:
+        self._lose = True
+
+    def open(self, *args, **kwargs):
+        return _LossySession(self, self.tier.open(*args, **kwargs))
+
+    def generate(self, *args, **kwargs):
+        return self.tier.generate(*args, **kwargs)
+
+
+class _LossySession:
+    def __init__(self, wrapper: AnswerLost, session):
+        self.wrapper, self.session = wrapper, session
+        self.session_id, self.frontier = session.session_id, session.frontier
+
+    def continue_(self, *args, **kwargs):
+        answer = self.session.continue_(*args, **kwargs)
+        if self.wrapper._lose:
+            self.wrapper._lose = False
+            raise TierUnavailable("the answer was lost on its way back")
+        return answer
+
+    def rollback(self, position: int) -> int:
+        return self.session.rollback(position)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def test_an_answer_lost_after_the_tier_ran_it_costs_one_offline_token(device_family):
+    """Catches: a device that does not adopt the frontier the tier reports (FAILED_PRECONDITION
+    with `flow-frontier`) when the tier holds positions whose answer never arrived — it would
+    stay offline — and a catch-up after it that is not exact.
+
+    The tier (a real gRPC server) runs the request for token 4 but its answer is lost: token 4 is
+    the member's own; the next request starts one position behind the tier's frontier, is refused
+    with the tier's frontier, and is resent from there."""
+    family_dir, family = device_family
+    with ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0)), family) as address:
+        tier = AnswerLost(GrpcTier(address))
+        client = DeviceClient(family_dir, exit=0, cloud=tier, mode="exit", threshold=1.5,
+                              retry_interval=0.0)
+        steps = []
+        for i, step in enumerate(client.generate(PROMPT, max_new_tokens=10, ignore_eos=True)):
+            steps.append(step)
+            if i == 3:
+                tier.lose_next_answer()
+    assert [s.offline for s in steps] == [False] * 4 + [True] + [False] * 5
+    sequence = PROMPT + [s.token for s in steps]
+    for i, step in enumerate(steps):
+        context = sequence[:len(PROMPT) + i]
+        exit = 0 if step.offline else 2
+        assert step.token == int(family.logits(context, exit=exit)[0, -1].argmax()), i
