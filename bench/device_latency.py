@@ -2,7 +2,8 @@
 bound, and what the copy-free ("shared") KV cache saves over the standard ("concat") one.
 
 For each member (PRESET:EXIT; default the demo preset's member 0 and the small preset's member 1,
-a member whose weights are far larger than any CPU cache), a random family is built and the
+a member whose weights are far larger than any CPU cache; or FAMILY_DIR:EXIT for a family's own
+weights, e.g. runs/smollm2/family:1), a random family is built (or the family loaded) and the
 member exported three ways into a temporary directory: fp32 with the shared KV cache (ORT
 GroupQueryAttention, past and present bound to one buffer), its int8 quantization, and fp32 with
 the concat cache (present = concat(past, new) every call). Then, all with the same thread count:
@@ -65,7 +66,8 @@ QUICK = dict(sizes=["tiny:0"], past=64, prompt=32, tokens=6, warmup=2, rounds=2,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["demo:0", "small:1"], metavar="PRESET:EXIT",
-                        help="members to measure, as preset name and exit index (default: %(default)s)")
+                        help="members to measure, as a preset name or a family directory, and an exit "
+                             "index (default: %(default)s)")
     parser.add_argument("--preset", help="measure one member of this preset (with --exit, default 0)")
     parser.add_argument("--exit", type=int, help="the exit of --preset to measure")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads and torch threads")
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.preset is not None:
         args.sizes = [f"{args.preset}:{args.exit or 0}"]
     try:
-        args.members = [(name, int(exit)) for name, exit in (s.split(":") for s in args.sizes)]
+        args.members = [(name, int(exit)) for name, exit in (s.rsplit(":", 1) for s in args.sizes)]
     except ValueError:
         parser.error(f"--sizes takes PRESET:EXIT pairs such as demo:0, got {args.sizes}")
     return args
@@ -333,16 +335,24 @@ def _is_cache_concat(event: dict) -> bool:
 # ---- one member -----------------------------------------------------------------------------
 
 
-def measure_member(preset_name: str, exit: int, args, work: Path, bandwidth: float) -> dict:
-    from device.member import MemberSession
+def member_family(name: str, seed: int):
+    """A family directory's trained weights, or a random family of preset `name`."""
     from flow.config import preset
     from flow.family import Family
 
-    config = preset(preset_name)
+    if (Path(name) / "family.json").is_file():
+        return Family.load(name)
+    return Family.random(preset(name), seed=seed)
+
+
+def measure_member(preset_name: str, exit: int, args, work: Path, bandwidth: float) -> dict:
+    from device.member import MemberSession
+
+    print(f"\n== {preset_name} member {exit}: loading or building, and exporting", flush=True)
+    family = member_family(preset_name, args.seed)
+    config = family.config
     config.check_exit(exit)
-    print(f"\n== {preset_name} member {exit}: building and exporting", flush=True)
-    family = Family.random(config, seed=args.seed)
-    directory = work / f"{preset_name}-{exit}"
+    directory = work / f"{Path(preset_name).name}-{exit}"
     directory.mkdir(parents=True, exist_ok=True)
     export_seconds = export_variants(family, exit, directory)
     weights = decode_weight_bytes(family.model, exit)
