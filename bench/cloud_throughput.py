@@ -3,7 +3,8 @@ itself and through the real gRPC service, and cloud-mode whole-model generation 
 `transformers`' generate on the same weights.
 
 A random family of --preset (LM heads sharpened as in the tests, so that greedy tokens are clear
-and the token checks below mean something; timing is unaffected) is built once. Every session
+and the token checks below mean something; timing is unaffected) is built once, or --family
+loads a trained one (e.g. the SmolLM2 family). Every session
 continues after exit 0 with hand-off rows the family itself computes for random token ids. The
 work of one session: catch up a --prompt-row prompt in one request, then decode single rows, one
 request per row, the next sent only after the answer (the exit-mode pattern of a device).
@@ -73,6 +74,7 @@ QUICK = dict(preset="tiny", concurrency=[1, 4, 32], grpc_concurrency=[1, 4], pro
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", help="family architecture preset (default: %(default)s)")
+    parser.add_argument("--family", type=Path, help="measure this family directory instead of a random --preset")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, everywhere (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
                         help="sessions at the engine level (default: %(default)s)")
@@ -347,7 +349,7 @@ def grpc_level(address: str, family_hash: str, rows: np.ndarray, args, label: st
 def generation(family, family_dir: Path, work: Path, args) -> dict:
     import torch
     import transformers
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from cloud.engine import Engine, EngineLimits
     from flow.tier_client import GrpcTier
@@ -356,7 +358,7 @@ def generation(family, family_dir: Path, work: Path, args) -> dict:
     transformers.utils.logging.disable_progress_bar()
     with quiet():
         hf_dir = family.export_hf(work / "hf", exit=last)
-        model = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
     rng = np.random.default_rng(args.seed + 1)
     prompts = rng.integers(0, family.config.vocab_size, (args.gen_batch, args.gen_prompt)).tolist()
     engine = Engine(family, limits=EngineLimits(max_sessions=args.gen_batch, max_rows_per_request=args.gen_prompt))
@@ -490,7 +492,7 @@ def plot(engine_rows: list[dict], grpc: dict, gen: dict, args):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     speed.set_ylabel("decode tokens / s (log)")
-    speed.set_title(f"{args.preset} family after exit 0: decode throughput, {args.threads} threads", fontsize=10)
+    speed.set_title(f"{args.label} family after exit 0: decode throughput, {args.threads} threads", fontsize=10)
     latency.set_ylabel("per-call latency, ms (log)")
     latency.set_title("gRPC per-call latency: p50 (solid), p99 (faint)", fontsize=10)
     labels = list(gen["runs"])
@@ -524,21 +526,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()  # other work on the machine skews every number; record it
-    config = preset(args.preset)
-    family = sharpen_heads(Family.random(config, seed=args.seed))
+    if args.family is not None:
+        family, args.label = Family.load(args.family), str(args.family)
+    else:
+        family, args.label = sharpen_heads(Family.random(preset(args.preset), seed=args.seed)), args.preset
+    config = family.config
     most = max(args.concurrency + args.grpc_concurrency)
     length = args.prompt + max(args.steps, args.grpc_steps)
     if length > config.max_seq_len or args.gen_prompt + args.gen_tokens > config.max_seq_len:
         raise SystemExit(f"prompt + steps must fit the context of {config.max_seq_len}")
     ids = np.random.default_rng(args.seed).integers(0, config.vocab_size, (most, length))
     rows = family.handoff(ids, 0).numpy()  # (sessions, positions, hidden): each session's hand-off rows
-    print(f"{args.preset} family ({config.num_layers} layers, hidden {config.hidden_size}), sessions continue "
+    print(f"{args.label} family ({config.num_layers} layers, hidden {config.hidden_size}), sessions continue "
           f"after exit 0 through blocks {config.exits[0] + 1}..{config.num_layers - 1}; {args.threads} threads")
 
     with tempfile.TemporaryDirectory(prefix="cloud_throughput-") as temp:
         work = Path(temp)
-        family_dir = work / "family"
-        family.save(family_dir)
+        family_dir = args.family or work / "family"
+        if args.family is None:
+            family.save(family_dir)
         family_hash = family.family_hash()
 
         print("\n== engine: batched vs one at a time", flush=True)
@@ -579,14 +585,16 @@ def main() -> None:
         print(f"\nbatched / one at a time at {TARGET_AT} sessions: {at['decode_ratio']:.1f}x "
               f"(target >= {TARGET_RATIO:g}x: {'met' if verdict else 'NOT met'})")
 
-    settings = {k: v for k, v in vars(args).items() if k != "serve_spec"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "serve_spec"}
     path = write_json(NAME, {
         "command": shlex.join(["python", "bench/cloud_throughput.py", *sys.argv[1:]]),
         "args": settings, "threads": args.threads, "versions": versions(), "cpu_count": os.cpu_count(),
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "family": {"preset": args.preset, "config": config.to_dict(), "from_exit": 0,
+        "family": {"preset": None if args.family else args.preset,
+                   "directory": str(args.family) if args.family else None,
+                   "config": config.to_dict(), "from_exit": 0,
                    "blocks_served": [config.exits[0] + 1, config.num_layers - 1],
-                   "heads_sharpened": 25.0, "seed": args.seed},
+                   "heads_sharpened": None if args.family else 25.0, "seed": args.seed},
         "target": {"ratio": TARGET_RATIO, "at_sessions": TARGET_AT,
                    "ratio_measured": None if at is None else at["decode_ratio"], "met": verdict},
         "definitions": {
@@ -609,7 +617,7 @@ def main() -> None:
                                "batched float noise aside, 1.0)",
             "generation": "new tokens / wall seconds of one call, prompt included, greedy; median over "
                           "rounds in which the runners take turns; transformers runs the family's last "
-                          "member exported with Family.export_hf, loaded by Qwen3ForCausalLM",
+                          "member exported with Family.export_hf, loaded by AutoModelForCausalLM",
         },
         "engine": engine_rows, "grpc": grpc, "generation": gen,
         "wall_seconds": time.perf_counter() - started})
