@@ -140,8 +140,10 @@ class DeviceClient:
                                     family_hash=self.manifest.family_hash, exit=self.exit)
         self.max_seq_len = self.member.max_seq_len
         self.tokenizer = self._load_tokenizer(family_dir)
-        self.eos_id = (self.tokenizer.token_to_id("<|endoftext|>")
-                       if self.tokenizer is not None else None)
+        # the tokens that end a generation, as the family declares them (family.json)
+        stop_tokens = self.manifest.tokenizer.stop_tokens if self.manifest.tokenizer else ()
+        self.stop_ids = frozenset(i for i in (self.tokenizer.token_to_id(t) for t in stop_tokens)
+                                  if i is not None) if self.tokenizer is not None else frozenset()
         self._retry_at = 0.0  # monotonic time before which the tier is not tried again
 
     # ---- public API -------------------------------------------------------------------------
@@ -152,8 +154,8 @@ class DeviceClient:
                  ignore_eos: bool = False) -> Generation:
         """A continuation of `prompt` (text, or token ids): iterate it for its `Step`s.
 
-        Generation ends at `max_new_tokens`, the end of the context, the EOS token (unless
-        `ignore_eos`, as benchmarks want) or a stop string (its text is not returned). After
+        Generation ends at `max_new_tokens`, the end of the context, one of the family's stop
+        tokens (its end-of-text token(s); unless `ignore_eos`, as benchmarks want) or a stop string (its text is not returned). After
         the loop the `Generation` holds the finish reason, timings, bytes and round trips.
         """
         return Generation(self, self._encode(prompt), max_new_tokens,
@@ -258,7 +260,7 @@ class Generation:
         self.cloud_failed = False  # cloud mode fell back to the device
         # speculative drafts the tier verified: kept, or replaced by its own token and dropped
         self.drafts_accepted = self.drafts_rejected = 0
-        self.eos_id = None if ignore_eos else client.eos_id
+        self.stop_ids = frozenset() if ignore_eos else client.stop_ids
 
     # ---- the device -------------------------------------------------------------------------
 
@@ -335,7 +337,7 @@ class Generation:
         self.tiers.append(tier)
         self.offline.append(offline)
         text = self.text.push(token)
-        if token == self.eos_id or self.text.stopped:
+        if token in self.stop_ids or self.text.stopped:
             self.finish_reason = "stop"
         if self.done:
             text += self.text.flush()  # the last token releases whatever was held back
@@ -369,7 +371,7 @@ class Generation:
             if length + len(drafts) >= self.client.max_seq_len:
                 break  # no slot to feed the last draft: verify what has rows
             self.feed(drafts[-1:], length + len(drafts) - 1)
-            if drafts[-1] == self.eos_id:
+            if drafts[-1] in self.stop_ids:
                 break
         sent = self.escalate(return_all=True)
         if sent is None:  # offline: the drafts are the device's own greedy tokens
@@ -404,7 +406,7 @@ class Generation:
         began = time.perf_counter()
         try:
             stream = client.tier.generate(self.tokens, self.max_new_tokens, self.sampler.params,
-                                          stop_ids=() if self.eos_id is None else (self.eos_id,),
+                                          stop_ids=tuple(sorted(self.stop_ids)),
                                           family_hash=client.manifest.family_hash)
             self._cloud_bytes[0] += 4 * len(self.tokens)
             self._cloud_calls += 1

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flow.config import FamilyConfig
+from flow.data.tokenizer import EOS_TOKEN
 from flow.errors import ArtifactError, ConfigError, HashMismatchError
 
 FORMAT = "familial-flow/family"
@@ -115,9 +116,13 @@ def digest_safetensors(path: Path) -> str:
 class TokenizerInfo:
     name: str
     sha256: str
+    # Tokens that end a generation: the checkpoint's declared end token(s), and flow's document
+    # separator where the vocabulary has it (manifests from before this field: that one only).
+    stop_tokens: tuple[str, ...] = (EOS_TOKEN,)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "file": TOKENIZER_FILE, "sha256": self.sha256}
+        return {"name": self.name, "file": TOKENIZER_FILE, "sha256": self.sha256,
+                "stop_tokens": list(self.stop_tokens)}
 
 
 @dataclass
@@ -160,7 +165,9 @@ class FamilyManifest:
             return cls(
                 config=config, weights_sha256=str(weights["sha256"]),
                 weights_dtype=str(weights["dtype"]),
-                tokenizer=TokenizerInfo(tokenizer["name"], tokenizer["sha256"]) if tokenizer else None,
+                tokenizer=TokenizerInfo(tokenizer["name"], tokenizer["sha256"],
+                                        tuple(tokenizer.get("stop_tokens", (EOS_TOKEN,))))
+                if tokenizer else None,
                 provenance=dict(data.get("provenance") or {}))
         except ConfigError as err:
             raise ArtifactError(f"{where}: inconsistent architecture: {err}") from None

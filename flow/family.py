@@ -43,10 +43,13 @@ class Family:
     """One backbone with exits at several depths; every exit is a deployable member."""
 
     def __init__(self, model: FamilyModel, *, tokenizer_json: str | None = None,
-                 tokenizer_name: str | None = None, provenance: dict[str, Any] | None = None):
+                 tokenizer_name: str | None = None, provenance: dict[str, Any] | None = None,
+                 stop_tokens: Sequence[str] = (EOS_TOKEN,)):
         self.model = model.eval()
         self.tokenizer_json = tokenizer_json
         self.tokenizer_name = tokenizer_name if tokenizer_json is not None else None
+        # the tokens that end a generation (the checkpoint's end token(s)); saved with the tokenizer
+        self.stop_tokens = tuple(stop_tokens)
         self.provenance = dict(provenance or {})
         self._tokenizer = None
         if tokenizer_json is not None:
@@ -88,9 +91,11 @@ class Family:
         tokenizer_path = path / "tokenizer.json"
         tokenizer_json, tokenizer_name = _read_tokenizer(
             tokenizer_path if tokenizer_path.is_file() else None, name=path.resolve().name)
-        return cls._imported(path, config, tensors, tied, dtype, tokenizer_json, tokenizer_name,
-                             {"source": "huggingface", "path": str(path.resolve()),
-                              "tied_embeddings": tied})
+        family = cls._imported(path, config, tensors, tied, dtype, tokenizer_json, tokenizer_name,
+                               {"source": "huggingface", "path": str(path.resolve()),
+                                "tied_embeddings": tied})
+        family.stop_tokens = _stop_tokens(family.tokenizer, hf.end_token_ids(path))
+        return family
 
     @classmethod
     def from_gguf(cls, path: str | Path, exits: Sequence[int], dtype: torch.dtype | None = None) -> Family:
@@ -108,11 +113,13 @@ class Family:
         config = FamilyConfig(**fields, exits=with_final_exit(exits, fields["num_layers"]))
         tensors = checkpoint.backbone(config, tied)
         tokenizer_json = checkpoint.tokenizer_json()
-        return cls._imported(path, config, tensors, tied, dtype, tokenizer_json,
-                             f"gguf-{path.stem}" if tokenizer_json is not None else None,
-                             {"source": "gguf", "path": str(path.resolve()),
-                              "sha256": artifact.file_sha256(path), "name": checkpoint.get("general.name"),
-                              "tensor_types": checkpoint.tensor_types(), "tied_embeddings": tied})
+        family = cls._imported(path, config, tensors, tied, dtype, tokenizer_json,
+                               f"gguf-{path.stem}" if tokenizer_json is not None else None,
+                               {"source": "gguf", "path": str(path.resolve()),
+                                "sha256": artifact.file_sha256(path), "name": checkpoint.get("general.name"),
+                                "tensor_types": checkpoint.tensor_types(), "tied_embeddings": tied})
+        family.stop_tokens = _stop_tokens(family.tokenizer, checkpoint.end_token_ids())
+        return family
 
     @classmethod
     def _imported(cls, source: Path, config: FamilyConfig, tensors: dict[str, Tensor], tied: bool,
@@ -139,7 +146,8 @@ class Family:
             tokenizer_json = (path / artifact.TOKENIZER_FILE).read_text()
         return cls(model, tokenizer_json=tokenizer_json,
                    tokenizer_name=manifest.tokenizer.name if manifest.tokenizer else None,
-                   provenance=manifest.provenance)
+                   provenance=manifest.provenance,
+                   stop_tokens=manifest.tokenizer.stop_tokens if manifest.tokenizer else (EOS_TOKEN,))
 
     # ---- the artifact -----------------------------------------------------------------------
 
@@ -180,7 +188,7 @@ class Family:
                 tokenizer_path = staging / artifact.TOKENIZER_FILE
                 tokenizer_path.write_text(self.tokenizer_json)
                 tokenizer = artifact.TokenizerInfo(self.tokenizer_name or "unnamed",
-                                                   artifact.file_sha256(tokenizer_path))
+                                                   artifact.file_sha256(tokenizer_path), self.stop_tokens)
             manifest = artifact.FamilyManifest(
                 config=self.config, weights_sha256=artifact.digest_safetensors(weights_path),
                 weights_dtype=str(self.dtype).removeprefix("torch."), tokenizer=tokenizer,
@@ -194,8 +202,9 @@ class Family:
         self.config.check_exit(exit)
         state = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
         tensors = hf.hf_member_tensors(state, self.config, exit)
-        eos_id = self.tokenizer.token_to_id(EOS_TOKEN) if self.tokenizer is not None else None
-        config = hf.hf_config(self.config, exit, str(self.dtype).removeprefix("torch."), eos_id)
+        stop_ids = self.stop_token_ids()
+        config = hf.hf_config(self.config, exit, str(self.dtype).removeprefix("torch."),
+                              stop_ids[0] if len(stop_ids) == 1 else stop_ids or None)
         config["familial_flow"] = {"family_hash": self.family_hash(), "exit": exit,
                                    "exit_layer": self.config.exit_layer(exit)}
         path = Path(path)
@@ -205,9 +214,13 @@ class Family:
             if self.tokenizer_json is not None:
                 (staging / "tokenizer.json").write_text(self.tokenizer_json)
                 (staging / "tokenizer_config.json").write_text(json.dumps({
-                    "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
+                    "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.stop_tokens[0],
                     "model_max_length": self.config.max_seq_len}, indent=2) + "\n")
         return path
+
+    def stop_token_ids(self) -> list[int]:
+        """Ids of `stop_tokens` in this family's vocabulary (none without a tokenizer)."""
+        return _stop_ids(self.tokenizer, self.stop_tokens)
 
     # ---- running members --------------------------------------------------------------------
 
@@ -267,6 +280,25 @@ def _read_tokenizer(path: str | Path | None, name: str | None = None) -> tuple[s
     if name is None:
         name = f"bpe{vocab_size_of(text)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return text, name
+
+
+def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
+    if tokenizer is None:
+        return []
+    ids = (tokenizer.token_to_id(token) for token in stop_tokens)
+    return [i for i in ids if i is not None]
+
+
+def _stop_tokens(tokenizer, end_token_ids: Sequence[int]) -> tuple[str, ...]:
+    """A checkpoint's declared end tokens, then flow's document separator where the vocabulary has
+    it: a completion of plain code ends at the separator its training documents ended with, a
+    chat reply at the declared end (SmolLM2-Instruct: `<|im_end|>`)."""
+    if tokenizer is None:
+        return (EOS_TOKEN,)
+    tokens = [tokenizer.id_to_token(i) for i in end_token_ids if tokenizer.id_to_token(i) is not None]
+    if tokenizer.token_to_id(EOS_TOKEN) is not None:
+        tokens.append(EOS_TOKEN)
+    return tuple(dict.fromkeys(tokens)) or (EOS_TOKEN,)
 
 
 def _check_tokenizer_fits(tokenizer, config: FamilyConfig) -> None:

@@ -86,6 +86,11 @@ class GGUFCheckpoint:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
+    def end_token_ids(self) -> list[int]:
+        """The token ids the file declares as ending a generation (EOS, end of turn)."""
+        ids = (self.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot"))
+        return [int(i) for i in ids if i is not None]
+
     def _arch_value(self, key: str, default: Any = None, required: bool = False) -> Any:
         value = self.get(f"{self.arch.gguf_arch}.{key}", default)
         if value is None and required:

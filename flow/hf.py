@@ -41,6 +41,21 @@ _HF_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.
 _REFUSED_SWITCHES = ("attention_bias", "mlp_bias", "use_sliding_window")
 
 
+def end_token_ids(src: Path) -> list[int]:
+    """The `eos_token_id`(s) a checkpoint declares: generation_config.json first (what
+    `generate` stops at), else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        path = src / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as err:
+                raise ArtifactError(f"{path} is not valid JSON ({err})") from None
+            if value is not None:
+                return [int(i) for i in (value if isinstance(value, list) else [value])]
+    return []
+
+
 def hf_name(name: str) -> str:
     """The Hugging Face name of a backbone tensor (`flow.backbone`'s names)."""
     if name.startswith("layers."):
@@ -104,7 +119,8 @@ def hf_member_tensors(tensors: dict[str, Any], config: FamilyConfig, exit: int) 
     return {hf_name(name): t for name, t in member_backbone(tensors, config, exit).items()}
 
 
-def hf_config(config: FamilyConfig, exit: int, dtype: str, eos_token_id: int | None) -> dict[str, Any]:
+def hf_config(config: FamilyConfig, exit: int, dtype: str,
+              eos_token_id: int | list[int] | None) -> dict[str, Any]:
     """config.json of member `exit` as a standard model of the family's architecture."""
     arch = config.arch
     return {

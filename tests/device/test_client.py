@@ -1,5 +1,7 @@
 """The device SDK's modes against the reference model, with an in-process next tier."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -156,6 +158,31 @@ def test_require_cloud_raises_instead_of_going_offline(device_family, tier):
     tier.reachable = False
     result = complete(c, PROMPTS[0], max_new_tokens=5)  # cloud mode falls back to the member
     assert result.offline == [True] * 5 and result.tokens == greedy(device_family[1], 0, PROMPTS[0], 5)
+
+
+def test_generation_stops_at_the_familys_stop_tokens(device_family, tier, tmp_path):
+    """Catches: a device (or a cloud-mode stream) that generates past the family's end token, or
+    one that stops at a token the family does not declare (family.json `stop_tokens`)."""
+    import json
+    import shutil
+
+    family_dir, family = device_family
+    prompt = PROMPTS[0]
+    continuation = greedy(family, 0, prompt, 16)
+    index = next(i for i in range(3, 16) if continuation[i] not in continuation[:i])
+    stop = family.tokenizer.id_to_token(continuation[index])
+    copy = Path(shutil.copytree(family_dir, tmp_path / "fam"))
+    manifest = json.loads((copy / "family.json").read_text())
+    manifest["tokenizer"]["stop_tokens"] = ["<|im_end|>", stop]  # the first is not in the vocabulary
+    (copy / "family.json").write_text(json.dumps(manifest))
+    local = DeviceClient(copy, exit=0).complete(prompt, max_new_tokens=16)
+    assert local.tokens == continuation[:index + 1] and local.finish_reason == "stop"
+    ignored = DeviceClient(copy, exit=0).complete(prompt, max_new_tokens=16, ignore_eos=True)
+    assert ignored.tokens == continuation and ignored.finish_reason == "length"
+    expected = greedy(family, 2, prompt, 16)
+    cut = next((i for i, t in enumerate(expected) if t == continuation[index]), None)
+    cloud = DeviceClient(copy, exit=0, cloud=tier, mode="cloud").complete(prompt, max_new_tokens=16)
+    assert cloud.tokens == (expected if cut is None else expected[:cut + 1])
 
 
 def test_text_prompt_streams_text_and_stops_at_a_stop_string(device_family, tier):

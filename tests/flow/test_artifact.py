@@ -107,11 +107,17 @@ def test_tokenizer_travels_with_the_family_and_is_verified(tmp_path, tiny_family
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(tmp_path / "tok.json"))
     text, name = _read_tokenizer(tmp_path / "tok.json")
-    family = Family(tiny_family.model, tokenizer_json=text, tokenizer_name=name)
+    family = Family(tiny_family.model, tokenizer_json=text, tokenizer_name=name, stop_tokens=("b",))
     family.save(tmp_path / "fam")
     loaded = Family.load(tmp_path / "fam")
     assert loaded.tokenizer.encode("a b a").ids == [1, 2, 1]
     assert loaded.tokenizer_name == name
+    assert loaded.stop_tokens == ("b",) and loaded.stop_token_ids() == [2]
+    # a manifest written before stop tokens were recorded ends generations at <|endoftext|>
+    manifest = json.loads((tmp_path / "fam" / FAMILY_JSON).read_text())
+    del manifest["tokenizer"]["stop_tokens"]
+    (tmp_path / "fam" / FAMILY_JSON).write_text(json.dumps(manifest))
+    assert read_manifest(tmp_path / "fam").tokenizer.stop_tokens == ("<|endoftext|>",)
     (tmp_path / "fam" / "tokenizer.json").write_text(text.replace('"a"', '"z"'))
     with pytest.raises(HashMismatchError, match="tokenizer.json does not match"):
         Family.load(tmp_path / "fam")

@@ -46,6 +46,8 @@ def test_smollm2_imports_as_a_llama_family(smollm2):
             config.vocab_size) == (30, 576, 9, 3, 64, 49152)
     assert config.rope_theta == 100000.0 and config.rms_norm_eps == pytest.approx(1e-5)
     assert smollm2.provenance["tied_embeddings"] is True
+    # the file declares <|im_end|> (id 2) as its end token; <|endoftext|> (id 0) ends documents
+    assert smollm2.stop_tokens == ("<|im_end|>", "<|endoftext|>") and smollm2.stop_token_ids() == [2, 0]
     assert smollm2.provenance["tensor_types"] == {"Q8_0": 1, "Q4_1": 210, "F32": 61}
 
 
