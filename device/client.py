@@ -43,6 +43,7 @@ from device.text import TextStream
 from flow.artifact import TOKENIZER_FILE, member_path, read_manifest
 from flow.calibration import CALIBRATION_FILE
 from flow.confidence import POLICIES, check_threshold, confidence
+from flow.data.tokenizer import token_ids
 from flow.errors import ConfigError, FlowError
 from flow.escalation import Escalation
 from flow.sampling import Sampler, check_sampling
@@ -142,8 +143,7 @@ class DeviceClient:
         self.tokenizer = self._load_tokenizer(family_dir)
         # the tokens that end a generation, as the family declares them (family.json)
         stop_tokens = self.manifest.tokenizer.stop_tokens if self.manifest.tokenizer else ()
-        self.stop_ids = frozenset(i for i in (self.tokenizer.token_to_id(t) for t in stop_tokens)
-                                  if i is not None) if self.tokenizer is not None else frozenset()
+        self.stop_ids = frozenset(token_ids(self.tokenizer, stop_tokens))
         self._retry_at = 0.0  # monotonic time before which the tier is not tried again
 
     # ---- public API -------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from flow import artifact, backbone, hf
 from flow.config import FamilyConfig, with_final_exit
-from flow.data.tokenizer import EOS_TOKEN, vocab_size_of
+from flow.data.tokenizer import EOS_TOKEN, stop_tokens_of, token_ids, vocab_size_of
 from flow.errors import ArtifactError, ConfigError
 from flow.fsutil import atomic_directory
 from flow.model import FamilyModel
@@ -69,11 +69,12 @@ class Family:
 
     @classmethod
     def from_tensors(cls, config: FamilyConfig, tensors: dict[str, Tensor],
-                     tokenizer: str | Path | None = None, provenance: dict[str, Any] | None = None) -> Family:
+                     tokenizer: str | Path | None = None, provenance: dict[str, Any] | None = None,
+                     stop_tokens: Sequence[str] = (EOS_TOKEN,)) -> Family:
         """A family from its tensors under flow's names (what training and converters produce)."""
         tokenizer_json, tokenizer_name = _read_tokenizer(tokenizer)
         return cls(_model_from_tensors(config, tensors, Path("<tensors>")), tokenizer_json=tokenizer_json,
-                   tokenizer_name=tokenizer_name, provenance=provenance)
+                   tokenizer_name=tokenizer_name, provenance=provenance, stop_tokens=stop_tokens)
 
     @classmethod
     def from_hf(cls, path: str | Path, exits: Sequence[int], dtype: torch.dtype | None = None) -> Family:
@@ -94,7 +95,7 @@ class Family:
         family = cls._imported(path, config, tensors, tied, dtype, tokenizer_json, tokenizer_name,
                                {"source": "huggingface", "path": str(path.resolve()),
                                 "tied_embeddings": tied})
-        family.stop_tokens = _stop_tokens(family.tokenizer, hf.end_token_ids(path))
+        family.stop_tokens = stop_tokens_of(family.tokenizer, hf.end_token_ids(path))
         return family
 
     @classmethod
@@ -118,7 +119,7 @@ class Family:
                                {"source": "gguf", "path": str(path.resolve()),
                                 "sha256": artifact.file_sha256(path), "name": checkpoint.get("general.name"),
                                 "tensor_types": checkpoint.tensor_types(), "tied_embeddings": tied})
-        family.stop_tokens = _stop_tokens(family.tokenizer, checkpoint.end_token_ids())
+        family.stop_tokens = stop_tokens_of(family.tokenizer, checkpoint.end_token_ids())
         return family
 
     @classmethod
@@ -220,7 +221,7 @@ class Family:
 
     def stop_token_ids(self) -> list[int]:
         """Ids of `stop_tokens` in this family's vocabulary (none without a tokenizer)."""
-        return _stop_ids(self.tokenizer, self.stop_tokens)
+        return token_ids(self.tokenizer, self.stop_tokens)
 
     # ---- running members --------------------------------------------------------------------
 
@@ -280,25 +281,6 @@ def _read_tokenizer(path: str | Path | None, name: str | None = None) -> tuple[s
     if name is None:
         name = f"bpe{vocab_size_of(text)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return text, name
-
-
-def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
-    if tokenizer is None:
-        return []
-    ids = (tokenizer.token_to_id(token) for token in stop_tokens)
-    return [i for i in ids if i is not None]
-
-
-def _stop_tokens(tokenizer, end_token_ids: Sequence[int]) -> tuple[str, ...]:
-    """A checkpoint's declared end tokens, then flow's document separator where the vocabulary has
-    it: a completion of plain code ends at the separator its training documents ended with, a
-    chat reply at the declared end (SmolLM2-Instruct: `<|im_end|>`)."""
-    if tokenizer is None:
-        return (EOS_TOKEN,)
-    tokens = [tokenizer.id_to_token(i) for i in end_token_ids if tokenizer.id_to_token(i) is not None]
-    if tokenizer.token_to_id(EOS_TOKEN) is not None:
-        tokens.append(EOS_TOKEN)
-    return tuple(dict.fromkeys(tokens)) or (EOS_TOKEN,)
 
 
 def _check_tokenizer_fits(tokenizer, config: FamilyConfig) -> None:

@@ -1,6 +1,7 @@
 """Running `flow` as a user does (a real process) and reading what a training run wrote."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,8 +38,50 @@ def flow(*args, check=True, timeout=600):
     return result
 
 
+PROBE = Path(__file__).parent / "training" / "probe.py"
+
+
+def probe(run: Path, out: Path, mode: str, ranks: int, *extra: str) -> Path:
+    """Run tests/training/probe.py in `mode` on the run prepared in `run` with `ranks` processes."""
+    out.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc-per-node={ranks}", str(PROBE), str(run / "ckpt"), str(out), mode,
+                             *extra], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    return out
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(reference: Path, run: Path, steps: int = 5) -> None:
+    """`run` logged the per-exit losses of `reference` at every step (and its last validation),
+    to 1e-4, and training moved every exit's loss."""
+    import numpy as np
+
+    expected, got = metrics(reference), metrics(run)
+    assert [m["step"] for m in got] == list(range(1, steps + 1))
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
+    np.testing.assert_allclose(got[-1]["val_loss"], expected[-1]["val_loss"], rtol=1e-4)
+    assert all(last < first - 0.05 for first, last in zip(got[0]["loss"], got[-1]["loss"], strict=True))
+
+
+def assert_family_logits_match_megatron(run: Path, ranks: int) -> None:
+    """Every exit of the family `flow train` wrote from `run` gives megatron's logits (1e-4),
+    megatron's read from the run's newest checkpoint in `ranks` processes (its own layout)."""
+    import torch
+
+    from flow import Family
+
+    out = probe(run, run / "probe", "logits", ranks)
+    family = Family.load(run / "family")
+    ids = torch.load(out / "input_ids.pt")
+    for k in range(family.config.num_exits):
+        megatron_logits = torch.load(out / f"logits_{k}.pt")
+        assert (megatron_logits - family.logits(ids, exit=k)).abs().max().item() <= 1e-4
 
 
 def run_without_torch(code: str) -> subprocess.CompletedProcess:

@@ -2,11 +2,12 @@
 
     model:      {preset: demo, exits: [2, 5, 7], ...any FamilyConfig field}
     init:       {source: random, seed: 0}  |  {source: hf, path: DIR}  |  {source: family, path: DIR}
-    data:       {corpus: runs/demo/corpus}
+    data:       {corpus: runs/demo/corpus, tokens: DIR}   (tokens: default the corpus itself)
     parallel:   {tensor: 1, pipeline: 1, data: 1}
     train:      {steps, seq_len, micro_batch_size, global_batch_size, lr, min_lr, warmup_steps,
-                 weight_decay, grad_clip, seed, freeze_backbone}
-    exit_loss:  {schedule: constant|warmup|decay, weights: [...], warmup_steps, decay_to}
+                 weight_decay, grad_clip, seed, freeze_backbone, freeze_exit_heads}
+    exit_loss:  {schedule: constant|warmup|decay, weights: [...], warmup_steps, decay_to,
+                 distill_alpha, distill_temperature}
     eval:       {interval, batches}
     checkpoint: {dir, interval}
     output:     DIR of the family artifact written at the end
@@ -45,7 +46,14 @@ class InitSection:
 
 @dataclass
 class DataSection:
-    corpus: str = "runs/demo/corpus"
+    corpus: str = "runs/demo/corpus"  # the documents (`flow corpus`), recorded in provenance
+    # The token streams (`flow tokenize`); a pretrained family's own tokenizer writes them to a
+    # directory of their own (`flow tokenize CORPUS --tokenizer FAMILY/tokenizer.json --out DIR`).
+    tokens: str | None = None  # default: the corpus directory
+
+    @property
+    def tokens_dir(self) -> Path:
+        return Path(self.tokens or self.corpus)
 
 
 @dataclass
@@ -71,7 +79,12 @@ class TrainSection:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    freeze_backbone: bool = False  # train only the exit branches (EE-Tuning / Ruyi2 DaE)
+    # Exit tuning (EE-Tuning / Ruyi2): train only the early exit branches; the backbone runs
+    # without autograd and holds no gradients or optimizer state.
+    freeze_backbone: bool = False
+    # Keep the early exits' LM heads as initialised (an import of a model with tied embeddings
+    # starts them as the embedding, so a member can stay tied and small).
+    freeze_exit_heads: bool = False
 
 
 @dataclass
@@ -80,6 +93,10 @@ class ExitLossSection:
     weights: list[float] | None = None  # one per exit; default 1.0 each
     warmup_steps: int = 100  # warmup: early exits ramp from 0 to their weight
     decay_to: float = 0.25  # decay: early exits end at this fraction of their weight
+    # Self-distillation of the early exits from the last one (training.exit_loss):
+    # (1 - α)·CE + α·τ²·KL(p_full,τ ‖ p_exit,τ); α = 0 is plain CE.
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
 
 
 @dataclass
@@ -208,6 +225,7 @@ class TrainConfig:
             raise ConfigError(f"exit_loss.schedule {e.schedule!r} is not one of constant, warmup, decay")
         if any(w < 0 for w in self.exit_weights(family.num_exits)):
             raise ConfigError("exit_loss.weights must be >= 0")
+        self._validate_exit_tuning(family)
         if self.init.source not in ("random", "hf", "family"):
             raise ConfigError(f"init.source {self.init.source!r} is not one of random, hf, family")
         if self.init.source != "random" and not (self.init.path and Path(self.init.path).is_dir()):
@@ -218,6 +236,33 @@ class TrainConfig:
         if train_tokens is not None and train_tokens < t.global_batch_size * (t.seq_len + 1):
             raise DataError(f"the training split has {train_tokens} tokens, fewer than one global "
                             f"batch ({t.global_batch_size} x {t.seq_len + 1}); use a larger corpus")
+
+    def _validate_exit_tuning(self, family: FamilyConfig) -> None:
+        e, p = self.exit_loss, self.parallel
+        if not 0.0 <= e.distill_alpha <= 1.0:
+            raise ConfigError(f"exit_loss.distill_alpha ({e.distill_alpha}) must lie in 0..1")
+        if e.distill_temperature <= 0:
+            raise ConfigError(f"exit_loss.distill_temperature ({e.distill_temperature}) must be > 0")
+        if self.train.freeze_backbone and family.num_exits < 2:
+            raise ConfigError("train.freeze_backbone leaves nothing to train: the family has no "
+                              "early exit; list some in model.exits")
+        if e.distill_alpha > 0:
+            # The teacher (the last exit) exists on the last pipeline stage only. Sending its
+            # vocabulary-sized logits back through the pipeline, or caching them, costs more than
+            # it saves (README, "Exit tuning of a pretrained backbone").
+            last_stage = stage_layers(family.num_layers, p.pipeline, p.pipeline - 1)
+            elsewhere = [layer for layer in family.exits[:-1] if layer not in last_stage]
+            if elsewhere:
+                raise ConfigError(
+                    f"exit_loss.distill_alpha > 0 needs every early exit on the last pipeline stage "
+                    f"(layers {last_stage.start}..{last_stage.stop - 1}), where the teacher is; exits "
+                    f"after layers {elsewhere} are not: lower parallel.pipeline or set distill_alpha: 0")
+
+
+def stage_layers(num_layers: int, pipeline: int, stage: int) -> range:
+    """The backbone layers pipeline stage `stage` of `pipeline` holds (megatron's even split)."""
+    per_stage = num_layers // pipeline
+    return range(stage * per_stage, (stage + 1) * per_stage)
 
 
 def _section(section_type: Any, name: str, data: Any) -> Any:

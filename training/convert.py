@@ -1,11 +1,13 @@
 """Family tensors <-> the local state dict of one megatron-core rank.
 
-megatron-core stores the Qwen3 shapes differently from the family (DESIGN.md §3):
+megatron-core stores the decoder's shapes differently from the family (DESIGN.md §3):
 - `linear_qkv` fuses q, k and v *per query group*: for each KV group g, the rows of its query
   heads, then k_g, then v_g. Tensor parallelism gives each rank a contiguous run of groups.
 - `linear_fc1` stacks gate and up; each tensor-parallel rank holds [gate shard; up shard].
 - column-parallel weights (qkv, fc1, embedding, heads) split rows; row-parallel weights
   (`linear_proj`, `linear_fc2`) split columns; norms are replicated.
+- the per-head q/k norms exist only where the architecture has them (`config.arch.qk_norm`:
+  Qwen3 yes, Llama no); megatron then builds no `q_layernorm`/`k_layernorm` either.
 
 Exit branch k lives on the pipeline stage that owns block `e_k`, under `exit_branches.{k}.`.
 The last exit is megatron's own `decoder.final_layernorm` and `output_layer`.
@@ -19,15 +21,18 @@ import torch
 from torch import Tensor
 
 from flow.config import FamilyConfig
+from training.config import stage_layers
 
 # flow's name inside a block -> megatron's name inside a TransformerLayer (local spec)
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
-    "attn.q_norm.weight": "self_attention.q_layernorm.weight",
-    "attn.k_norm.weight": "self_attention.k_layernorm.weight",
     "attn.o_proj.weight": "self_attention.linear_proj.weight",
     "mlp_norm.weight": "pre_mlp_layernorm.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+QK_NORM_NAMES = {
+    "attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "attn.k_norm.weight": "self_attention.k_layernorm.weight",
 }
 QKV = "self_attention.linear_qkv.weight"
 FC1 = "mlp.linear_fc1.weight"
@@ -44,8 +49,7 @@ class Shard:
     pp_size: int = 1
 
     def layers(self, config: FamilyConfig) -> range:
-        per_stage = config.num_layers // self.pp_size
-        return range(self.pp_rank * per_stage, (self.pp_rank + 1) * per_stage)
+        return stage_layers(config.num_layers, self.pp_size, self.pp_rank)
 
     @property
     def first_stage(self) -> bool:
@@ -65,6 +69,11 @@ class Shard:
 
     def columns(self, tensor: Tensor) -> Tensor:
         return tensor.chunk(self.tp_size, dim=1)[self.tp_rank]
+
+
+def layer_names(config: FamilyConfig) -> dict[str, str]:
+    """The one-to-one tensor names of a block of this architecture (flow -> megatron)."""
+    return {**LAYER_NAMES, **QK_NORM_NAMES} if config.arch.qk_norm else LAYER_NAMES
 
 
 # ---- family -> megatron -------------------------------------------------------------------------
@@ -92,7 +101,7 @@ def split_qkv(qkv: Tensor, config: FamilyConfig) -> tuple[Tensor, Tensor, Tensor
 def layer_to_megatron(block: dict[str, Tensor], config: FamilyConfig, shard: Shard) -> dict[str, Tensor]:
     """One decoder block (flow names, full tensors) -> this rank's megatron layer tensors."""
     out = {}
-    for ours, theirs in LAYER_NAMES.items():
+    for ours, theirs in layer_names(config).items():
         tensor = block[ours]
         out[theirs] = shard.columns(tensor) if theirs in ROW_PARALLEL else tensor
     out[QKV] = shard.rows(fuse_qkv(block["attn.q_proj.weight"], block["attn.k_proj.weight"],
@@ -130,7 +139,7 @@ def family_to_megatron(tensors: dict[str, Tensor], config: FamilyConfig, shard: 
 
 def layer_from_megatron(layer: dict[str, Tensor], config: FamilyConfig) -> dict[str, Tensor]:
     """One megatron layer (full, TP=1 tensors) -> a flow decoder block."""
-    out = {ours: layer[theirs] for ours, theirs in LAYER_NAMES.items()}
+    out = {ours: layer[theirs] for ours, theirs in layer_names(config).items()}
     q, k, v = split_qkv(layer[QKV], config)
     out.update({"attn.q_proj.weight": q, "attn.k_proj.weight": k, "attn.v_proj.weight": v})
     gate, up = layer[FC1].chunk(2, dim=0)

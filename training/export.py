@@ -12,26 +12,24 @@ import torch
 
 from flow.artifact import FamilyManifest, file_sha256
 from flow.config import FamilyConfig
+from flow.data.tokenizer import EOS_TOKEN
 from training import run_dir
 
 
 def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = False) -> FamilyManifest:
     """Convert the checkpoint at `path` (an iteration or a run directory) into a family at `out`."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     from flow.family import Family
     from training import checkpoint
     from training.convert import megatron_to_family
     from training.distributed import initialize, shutdown
-    from training.megatron_model import build_model
+    from training.megatron_model import build_model, local_layer_spec
 
     iteration = run_dir.resolve(path)
     run = run_dir.read_config(iteration.parent)
     family_config = FamilyConfig.from_dict(run["family"])
     initialize(tensor=1, pipeline=1, seed=0)
     try:
-        local_spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-        model = build_model(family_config, spec=("local", local_spec))
+        model = build_model(family_config, spec=("local", local_layer_spec(family_config)))
         common = checkpoint.load(iteration, model, optimizer=None)
         tensors = megatron_to_family(model.state_dict(), family_config)
     finally:
@@ -48,6 +46,7 @@ def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = Fa
         "train_config": run["train"],
     }
     family = Family.from_tensors(family_config, {k: v.to(torch.float32) for k, v in tensors.items()},
-                                 tokenizer=run["tokenizer"], provenance=provenance)
+                                 tokenizer=run["tokenizer"], provenance=provenance,
+                                 stop_tokens=run.get("stop_tokens", (EOS_TOKEN,)))
     return family.save(out, overwrite=overwrite)
 

@@ -1,17 +1,28 @@
 """The familial GPT on megatron-core: its GPTModel plus exit branches on the stages that own them.
 
-`FamilialGPT` is megatron-core's `GPTModel` configured as the Qwen3-style backbone (RMSNorm,
-SwiGLU, GQA, q/k norm, RoPE, untied embeddings), built from a layer spec (Transformer Engine's
-where it is installed and a GPU is present, the local spec otherwise). Each early exit k is an
-`ExitBranch` (one decoder layer from the same spec, a norm, a vocab-parallel head) on the pipeline
-stage that owns block `e_k`. A forward hook on that block runs the branch and attaches its loss to
-the block's output through `ExitLoss`, an identity whose backward injects the loss gradient —
-megatron-core's pattern for MoE and MTP auxiliary losses — so any stage carries exit losses and the
-pipeline schedule is unchanged.
+`FamilialGPT` is megatron-core's `GPTModel` configured as the family's backbone (RMSNorm, SwiGLU,
+GQA, RoPE, untied embeddings, per-head q/k norms where the architecture has them), built from a
+layer spec (Transformer Engine's where it is installed and a GPU is present, the local spec
+otherwise). Each early exit k is an `ExitBranch` (one decoder layer from the same spec, a norm, a
+vocab-parallel head) on the pipeline stage that owns block `e_k`. A forward hook on that block
+runs the branch and attaches its loss to the block's output through `ExitLoss`, an identity whose
+backward injects the loss gradient — megatron-core's pattern for MoE and MTP auxiliary losses — so
+any stage carries exit losses and the pipeline schedule is unchanged.
+
+Two variations of where an exit's loss is computed:
+- Self-distillation (`exit_loss.distill_alpha > 0`) needs the last exit's logits as the teacher.
+  They exist only on the last pipeline stage, after the whole backbone has run, so an exit's
+  `h_e` waits there and its branch and loss run in `compute_language_model_loss`, beside the
+  last exit's; `TrainConfig.validate` refuses a layout that puts an early exit on another stage.
+- With a frozen backbone (`freeze(backbone=True)`), a training forward runs the backbone under
+  `torch.no_grad()` (no graph, no activations kept, no parameter gradients) and each exit branch
+  is differentiated on its own, on a detached `h_e`, as soon as its loss is known; the trainer
+  then runs the pipeline schedule forward-only and reduces the branch gradients itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -26,19 +37,21 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
 from flow.config import FamilyConfig
+from training.config import ExitLossSection
 from training.convert import Shard
+from training.exit_loss import Teacher, exit_objective, teacher_of
 
 
 def transformer_config(family: FamilyConfig, tensor: int, pipeline: int,
                        dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """megatron-core's TransformerConfig for the family's Qwen3 shape (no dropout, no biases)."""
+    """megatron-core's TransformerConfig for the family's decoder (no dropout, no biases)."""
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=family.num_layers, hidden_size=family.hidden_size,
         ffn_hidden_size=family.intermediate_size, num_attention_heads=family.num_heads,
         num_query_groups=family.num_kv_heads, kv_channels=family.head_dim,
         normalization="RMSNorm", layernorm_epsilon=family.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, qk_layernorm=True,
+        activation_func=F.silu, add_bias_linear=False, qk_layernorm=family.arch.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -51,18 +64,24 @@ def transformer_config(family: FamilyConfig, tensor: int, pipeline: int,
         gradient_accumulation_fusion=False, persist_layer_norm=on_gpu, bias_activation_fusion=on_gpu)
 
 
-def layer_spec() -> tuple[str, ModuleSpec]:
-    """("transformer_engine", spec) on a GPU where TE imports, else ("local", megatron's local spec)."""
+def local_layer_spec(family: FamilyConfig) -> ModuleSpec:
+    """megatron-core's local (plain torch) layer spec for the family's architecture."""
+    return get_gpt_layer_local_spec(qk_layernorm=family.arch.qk_norm, normalization="RMSNorm")
+
+
+def layer_spec(family: FamilyConfig) -> tuple[str, ModuleSpec]:
+    """("transformer_engine", spec) on a GPU where TE imports, else ("local", `local_layer_spec`)."""
     if torch.cuda.is_available():
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
                 get_gpt_layer_with_transformer_engine_spec,
             )
 
-            return "transformer_engine", get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+            return "transformer_engine", get_gpt_layer_with_transformer_engine_spec(
+                qk_layernorm=family.arch.qk_norm)
         except (ImportError, AssertionError):
             pass  # no Transformer Engine: the local spec runs everywhere (the trainer says which)
-    return "local", get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    return "local", local_layer_spec(family)
 
 
 class ExitLoss(torch.autograd.Function):
@@ -117,11 +136,13 @@ class FamilialGPT(GPTModel):
     """megatron-core's GPTModel with the family's early exits on this pipeline stage.
 
     Before each step the trainer sets `exit_loss_scales[k]` (λ_k / microbatches). During
-    training, the per-exit losses of each microbatch are appended to `recorded_losses`; in
-    forward-only calls without labels, exit logits are kept in `exit_logits` instead.
+    training and evaluation, each micro-batch's (exit, objective, cross-entropy) are appended to
+    `recorded_losses`; in forward-only calls without labels, exit logits are kept in
+    `exit_logits` instead.
     """
 
-    def __init__(self, family: FamilyConfig, config: TransformerConfig, spec: ModuleSpec, shard: Shard):
+    def __init__(self, family: FamilyConfig, config: TransformerConfig, spec: ModuleSpec, shard: Shard,
+                 exit_loss: ExitLossSection | None = None):
         super().__init__(
             config, spec, vocab_size=family.vocab_size, max_sequence_length=family.max_seq_len,
             pre_process=shard.first_stage, post_process=shard.last_stage,
@@ -129,11 +150,15 @@ class FamilialGPT(GPTModel):
             share_embeddings_and_output_weights=False)
         self.family = family
         self.shard = shard
+        self.exit_loss = exit_loss or ExitLossSection()
         self.exit_branches = ExitBranches(config=config)
         self.exit_loss_scales = [1.0] * family.num_exits
-        self.recorded_losses: list[tuple[int, Tensor]] = []
+        self.recorded_losses: list[tuple[int, Tensor, Tensor]] = []
         self.exit_logits: dict[int, Tensor] = {}
+        self.backbone_frozen = False
         self._labels: Tensor | None = None
+        self._tune_branches = False  # this forward differentiates the branches alone
+        self._waiting: list[tuple[int, Tensor, dict]] = []  # exits waiting for the teacher
         first_layer = shard.layers(family).start
         for k in shard.exits(family):
             exit_layer = family.exits[k]
@@ -142,29 +167,76 @@ class FamilialGPT(GPTModel):
             block = self.decoder.layers[exit_layer - first_layer]
             block.register_forward_hook(functools.partial(self._run_exit, k), with_kwargs=True)
 
+    @property
+    def distills(self) -> bool:
+        return self.exit_loss.distill_alpha > 0
+
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
                 labels: Tensor | None = None, **kwargs):
         self._labels = labels
+        self._waiting = []
+        # A training forward of a frozen backbone: no autograd in the backbone at all; the exit
+        # branches switch it back on for themselves (`_branch_objective`).
+        self._tune_branches = self.backbone_frozen and labels is not None and torch.is_grad_enabled()
         try:
-            return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+            with torch.no_grad() if self._tune_branches else contextlib.nullcontext():
+                return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         finally:
-            self._labels = None
+            self._labels, self._waiting, self._tune_branches = None, [], False
 
     def _run_exit(self, k: int, block, args, kwargs, output):
         hidden, context = output  # hidden: (T, B, hidden)
-        logits = self.exit_branches[k](hidden, kwargs)
         if self._labels is None:
+            logits = self.exit_branches[k](hidden, kwargs)
             self.exit_logits[k] = logits.detach().transpose(0, 1)  # (B, T, vocab / tp)
             return output
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), self._labels.t().contiguous()).mean()
-        self.recorded_losses.append((k, loss.detach()))
-        hidden = ExitLoss.apply(hidden, loss, self.exit_loss_scales[k])
+        if self.distills:  # the teacher comes at the end of the backbone (last stage)
+            self._waiting.append((k, hidden, kwargs))
+            return output
+        objective = self._branch_objective(k, hidden, kwargs, teacher=None)
+        if objective is None:
+            return output
+        hidden = ExitLoss.apply(hidden, objective, self.exit_loss_scales[k])
         return make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True), context
 
-    def freeze_backbone(self) -> None:
-        """Train only the early exit branches (the last exit is the backbone's own head)."""
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """The last exit's per-token CE (B, T), carrying the losses of the exits that waited for
+        it as their teacher (self-distillation)."""
+        teacher = teacher_of(logits, self.exit_loss.distill_temperature) if self._waiting else None
+        loss = super().compute_language_model_loss(labels, logits)  # overwrites `logits`
+        for k, hidden, kwargs in self._waiting:
+            objective = self._branch_objective(k, hidden, kwargs, teacher)
+            if objective is not None:
+                loss = ExitLoss.apply(loss, objective, self.exit_loss_scales[k])
+        self._waiting = []
+        return loss
+
+    def _branch_objective(self, k: int, hidden: Tensor, kwargs: dict, teacher: Teacher | None) -> Tensor | None:
+        """Exit k's objective on `h_e` (T, B, hidden), recorded; None when already differentiated.
+
+        With a frozen backbone the branch runs with autograd on a detached `h_e` and is
+        back-propagated here, so nothing of it outlives this call.
+        """
+        labels = self._labels.t().contiguous()  # (T, B)
+        alpha, temperature = self.exit_loss.distill_alpha, self.exit_loss.distill_temperature
+        with torch.enable_grad() if self._tune_branches else contextlib.nullcontext():
+            branch_input = hidden.detach() if self._tune_branches else hidden
+            logits = self.exit_branches[k](branch_input, kwargs)  # (T, B, vocab / tp)
+            objective, ce = exit_objective(logits, labels, teacher, alpha, temperature)
+            self.recorded_losses.append((k, objective.detach(), ce.detach()))
+            if not self._tune_branches:
+                return objective
+            (objective * self.exit_loss_scales[k]).backward()
+        return None
+
+    def freeze(self, backbone: bool, exit_heads: bool = False) -> None:
+        """Train only the early exit branches (`backbone`), and/or keep their LM heads as they
+        are (`exit_heads`). The last exit is the backbone's own final norm and head."""
+        self.backbone_frozen = backbone
         for name, param in self.named_parameters():
-            param.requires_grad_(name.startswith("exit_branches."))
+            in_branch = name.startswith("exit_branches.")
+            head = in_branch and ".output_layer." in name
+            param.requires_grad_(not ((backbone and not in_branch) or (exit_heads and head)))
 
 
 def current_shard() -> Shard:
@@ -175,16 +247,18 @@ def current_shard() -> Shard:
 
 
 def build_model(family: FamilyConfig, dtype: torch.dtype = torch.float32,
-                spec: tuple[str, ModuleSpec] | None = None) -> FamilialGPT:
+                spec: tuple[str, ModuleSpec] | None = None,
+                exit_loss: ExitLossSection | None = None) -> FamilialGPT:
     """This rank's part of the family as a megatron-core model (parallel state must be set up).
 
-    `spec` is (name, layer spec); by default `layer_spec()` picks. The model records the name in
-    `layer_spec_name` so logs say which implementation runs.
+    `spec` is (name, layer spec); by default `layer_spec(family)` picks. The model records the
+    name in `layer_spec_name` so logs say which implementation runs. `exit_loss` (the config's
+    section) says whether early exits distil from the last one.
     """
     shard = current_shard()
     config = transformer_config(family, shard.tp_size, shard.pp_size, dtype)
-    spec_name, module_spec = spec or layer_spec()
-    model = FamilialGPT(family, config, module_spec, shard)
+    spec_name, module_spec = spec or layer_spec(family)
+    model = FamilialGPT(family, config, module_spec, shard, exit_loss)
     model.layer_spec_name = spec_name
     return model
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from flow import artifact
 from flow.config import FamilyConfig, with_final_exit
-from flow.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from flow.data.tokens import open_tokens
+from flow.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer, stop_tokens_of
+from flow.data.tokens import TOKENS_JSON, open_tokens
 from flow.errors import ConfigError, DataError
-from flow.hf import read_hf_config
+from flow.hf import end_token_ids, read_hf_config
 from training.config import TrainConfig
 
 
@@ -28,6 +28,7 @@ class Plan:
     family: FamilyConfig
     tokenizer: Path
     train_tokens: int
+    stop_tokens: tuple[str, ...] = (EOS_TOKEN,)  # the family's end tokens, kept through training
 
     @property
     def run_dir(self) -> Path:
@@ -35,7 +36,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": self.config.to_dict(), "family": self.family.to_dict(),
-                "tokenizer": str(self.tokenizer)}
+                "tokenizer": str(self.tokenizer), "stop_tokens": list(self.stop_tokens)}
 
 
 def _tokenizer_for(config: TrainConfig) -> Path:
@@ -68,8 +69,11 @@ def _family_config(config: TrainConfig, tokenizer_vocab: int) -> FamilyConfig:
 
 def make_plan(config: TrainConfig) -> Plan:
     """Resolve and validate a run; raise `ConfigError`/`DataError` naming what to change."""
-    corpus = Path(config.data.corpus)
-    if not (corpus / "tokens.json").is_file():
+    corpus, tokens = Path(config.data.corpus), config.data.tokens_dir
+    if not (tokens / TOKENS_JSON).is_file():
+        if config.data.tokens is not None:
+            raise DataError(f"data.tokens {tokens} has no token streams; write them with "
+                            f"`flow tokenize {corpus} --tokenizer TOKENIZER --out {tokens}`")
         raise DataError(f"data.corpus {corpus} has no token streams; build them with "
                         f"`flow corpus {corpus}`, `flow tokenizer {corpus}` and `flow tokenize {corpus}`")
     tokenizer_path = _tokenizer_for(config)
@@ -78,10 +82,21 @@ def make_plan(config: TrainConfig) -> Plan:
     if tokenizer_vocab > family.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer_vocab} tokens, more than the model's "
                           f"vocab_size {family.vocab_size}")
-    train_tokens = len(open_tokens(corpus, "train", tokenizer_path))
-    open_tokens(corpus, "val", tokenizer_path)
+    train_tokens = len(open_tokens(tokens, "train", tokenizer_path))
+    open_tokens(tokens, "val", tokenizer_path)
     config.validate(family, train_tokens)
-    return Plan(config, family, tokenizer_path, train_tokens)
+    return Plan(config, family, tokenizer_path, train_tokens, _stop_tokens(config, tokenizer_path))
+
+
+def _stop_tokens(config: TrainConfig, tokenizer_path: Path) -> tuple[str, ...]:
+    """The end tokens of the weights a run starts from (a random init: the corpus separator)."""
+    init = config.init
+    if init.source == "family":
+        manifest = artifact.read_manifest(init.path, verify=False)
+        return manifest.tokenizer.stop_tokens if manifest.tokenizer else (EOS_TOKEN,)
+    if init.source == "hf":
+        return stop_tokens_of(load_tokenizer(tokenizer_path), end_token_ids(Path(init.path)))
+    return (EOS_TOKEN,)
 
 
 def check_resumable(plan: Plan) -> None:

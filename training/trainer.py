@@ -2,9 +2,11 @@
 
 Builds this rank's part of the familial GPT, initialises it from a `Family` (so every parallel
 layout starts from the same weights), wraps it in megatron-core DDP, and runs megatron-core's
-pipeline schedule with a plain AdamW (megatron's optimizer wrappers hard-code CUDA). Per-exit
-losses are reduced over pipeline stages and data-parallel ranks; rank 0 shows a progress bar and
-appends one JSON line per step to RUN_DIR/metrics.jsonl.
+pipeline schedule with a plain AdamW (megatron's optimizer wrappers hard-code CUDA). With a frozen
+backbone the schedule runs forward-only, the model differentiates its exit branches inside that
+forward (`training.megatron_model`), and the trainer reduces their gradients over data-parallel
+ranks itself. Per-exit losses are reduced over pipeline stages and data-parallel ranks; rank 0
+shows a progress bar and appends one JSON line per step to RUN_DIR/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -63,12 +65,11 @@ class Trainer:
         c = self.config
         initialize(c.parallel.tensor, c.parallel.pipeline, c.train.seed)
         self.ps = ps
-        self.model = build_model(self.family)
+        self.model = build_model(self.family, exit_loss=c.exit_loss)
         resume_step = latest_step(run_dir)
         if resume_step is None:  # a resumed run gets its weights from the checkpoint below
             load_family_weights(self.model, initial_tensors(c, self.family))
-        if c.train.freeze_backbone:
-            self.model.freeze_backbone()
+        self.model.freeze(backbone=c.train.freeze_backbone, exit_heads=c.train.freeze_exit_heads)
         self.ddp = DistributedDataParallel(
             self.model.config, DistributedDataParallelConfig(overlap_grad_reduce=False), self.model)
         self.model.config.finalize_model_grads_func = finalize_model_grads
@@ -79,9 +80,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": c.train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=c.train.lr, betas=(0.9, 0.95), eps=1e-8)
-        corpus = Path(c.data.corpus)
-        self.train_sampler = WindowSampler(open_tokens(corpus, "train", tokenizer), c.train.seq_len, c.train.seed)
-        self.val_sampler = WindowSampler(open_tokens(corpus, "val", tokenizer), c.train.seq_len, 0, shuffle=False)
+        tokens = c.data.tokens_dir
+        self.train_sampler = WindowSampler(open_tokens(tokens, "train", tokenizer), c.train.seq_len, c.train.seed)
+        self.val_sampler = WindowSampler(open_tokens(tokens, "val", tokenizer), c.train.seq_len, 0, shuffle=False)
         self.rank = dist.get_rank()
         self.step = 0
         if resume_step is not None:
@@ -100,11 +101,17 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _forward_backward(self, sampler: WindowSampler, batch_index: int, forward_only: bool,
-                          weights: list[float]) -> list[float]:
+    def _forward_backward(self, sampler: WindowSampler, batch_index: int, train: bool,
+                          weights: list[float]) -> dict[str, list[float]]:
+        """One global batch through the pipeline schedule; with `train`, gradients are left in
+        the parameters' `main_grad`, reduced over data-parallel ranks. Returns the per-exit
+        means of the objective ("loss") and of the cross-entropy ("ce")."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         c, model, last = self.config, self.model, self.family.num_exits - 1
+        # A frozen backbone has no backward to schedule: the model back-propagates its exit
+        # branches during the forward, and the gradients are reduced below.
+        forward_only = not train or model.backbone_frozen
         num_microbatches = c.num_microbatches
         model.exit_loss_scales = [w / num_microbatches for w in weights]
         model.recorded_losses = []
@@ -118,7 +125,7 @@ class Trainer:
 
             def loss_func(loss_per_token):  # (B, T) cross-entropy of the last exit
                 loss = loss_per_token.float().mean()
-                model.recorded_losses.append((last, loss.detach()))
+                model.recorded_losses.append((last, loss.detach(), loss.detach()))
                 return loss * weights[last], {}
 
             return output, loss_func
@@ -127,19 +134,18 @@ class Trainer:
             forward_step_func=forward_step, data_iterator=batches, model=[self.ddp],
             num_microbatches=num_microbatches, seq_length=c.train.seq_len,
             micro_batch_size=c.train.micro_batch_size, forward_only=forward_only)
+        if train and forward_only:  # what the schedule does after a backward
+            self.model.config.finalize_model_grads_func([self.ddp])
         return self._reduce_exit_losses()
 
-    def _reduce_exit_losses(self) -> list[float]:
-        """Mean loss per exit over micro-batches, pipeline stages and data-parallel ranks."""
-        sums = torch.zeros(self.family.num_exits, dtype=torch.float64)
-        counts = torch.zeros_like(sums)
-        for k, loss in self.model.recorded_losses:
-            sums[k] += float(loss)
-            counts[k] += 1
-        totals = torch.stack([sums, counts])
-        dist.all_reduce(totals, group=self.ps.get_pipeline_model_parallel_group())
-        dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
-        return (totals[0] / totals[1]).tolist()
+    def _reduce_exit_losses(self) -> dict[str, list[float]]:
+        """Mean objective and CE per exit over micro-batches, pipeline stages and data-parallel ranks."""
+        sums = torch.zeros(3, self.family.num_exits, dtype=torch.float64)  # objective, ce, count
+        for k, objective, ce in self.model.recorded_losses:
+            sums[:, k] += torch.tensor([float(objective), float(ce), 1.0], dtype=torch.float64)
+        dist.all_reduce(sums, group=self.ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(sums, group=self.ps.get_data_parallel_group())
+        return {"loss": (sums[0] / sums[2]).tolist(), "ce": (sums[1] / sums[2]).tolist()}
 
     def _clip_and_step(self, lr: float) -> float:
         from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
@@ -163,12 +169,15 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
         weights = exit_loss_weights(c, self.family.num_exits, self.step)
-        losses = self._forward_backward(self.train_sampler, self.step, False, weights)
+        losses = self._forward_backward(self.train_sampler, self.step, True, weights)
         lr = learning_rate(c.train, self.step)
         grad_norm = self._clip_and_step(lr)
         self.step += 1
         elapsed = time.perf_counter() - started
-        return {"step": self.step, "loss": losses, "lambda": weights, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": losses["loss"]}
+        if self.model.distills:  # the objective is no longer the CE: log both
+            record["ce"] = losses["ce"]
+        return {**record, "lambda": weights, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": c.train.global_batch_size * c.train.seq_len / elapsed}
 
     @torch.no_grad()
@@ -201,8 +210,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
+        """Validation cross-entropy per exit (whatever the training objective)."""
         weights = [1.0] * self.family.num_exits
-        per_batch = [self._forward_backward(self.val_sampler, i, True, weights)
+        per_batch = [self._forward_backward(self.val_sampler, i, False, weights)["ce"]
                      for i in range(self.config.eval.batches)]
         return [sum(b[k] for b in per_batch) / len(per_batch) for k in range(self.family.num_exits)]
 

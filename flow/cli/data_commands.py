@@ -35,10 +35,15 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     tokenize = subcommands.add_parser(
         "tokenize", help="encode every corpus split into token memmaps",
         description="Encode train/val/heldout into CORPUS/<split>.bin (flat uint16/uint32 token "
-                    "streams, documents separated by <|endoftext|>) and CORPUS/tokens.json.")
-    tokenize.add_argument("corpus", type=Path, help="corpus directory with a tokenizer.json")
+                    "streams, documents separated by <|endoftext|>) and CORPUS/tokens.json.",
+        epilog="For a pretrained family, encode the corpus with the family's own tokenizer into a "
+               "directory of its own: `flow tokenize CORPUS --tokenizer FAMILY/tokenizer.json "
+               "--out DIR`, then set `data.tokens: DIR` in the training config.")
+    tokenize.add_argument("corpus", type=Path, help="corpus directory made by `flow corpus`")
     tokenize.add_argument("--tokenizer", type=Path, default=None,
                           help="tokenizer to use (default CORPUS/tokenizer.json)")
+    tokenize.add_argument("--out", type=Path, default=None,
+                          help="directory for the token streams (default CORPUS)")
     tokenize.set_defaults(handler=run_tokenize)
 
 
@@ -68,6 +73,7 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 def run_tokenize(args: argparse.Namespace) -> None:
     from flow.data.tokens import tokenize_corpus
 
-    counts = tokenize_corpus(args.corpus, args.tokenizer)
+    counts = tokenize_corpus(args.corpus, args.tokenizer, args.out)
     for split, count in counts.items():
         print(f"{split:8s} {count:10,d} tokens")
+    print(f"wrote {args.out or args.corpus}/tokens.json")

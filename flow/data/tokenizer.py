@@ -7,7 +7,7 @@ Byte-level, so any code (any Unicode, any whitespace) round-trips exactly; one s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from flow.errors import DataError
@@ -15,6 +15,26 @@ from flow.fsutil import atomic_file
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Ids of `tokens` in `tokenizer`'s vocabulary, skipping those it lacks (none without one)."""
+    if tokenizer is None:
+        return []
+    ids = (tokenizer.token_to_id(token) for token in tokens)
+    return [i for i in ids if i is not None]
+
+
+def stop_tokens_of(tokenizer, end_token_ids: Sequence[int]) -> tuple[str, ...]:
+    """A checkpoint's declared end tokens, then flow's document separator where the vocabulary has
+    it: a completion of plain code ends at the separator its training documents ended with, a
+    chat reply at the declared end (SmolLM2-Instruct: `<|im_end|>`)."""
+    if tokenizer is None:
+        return (EOS_TOKEN,)
+    tokens = [tokenizer.id_to_token(i) for i in end_token_ids if tokenizer.id_to_token(i) is not None]
+    if tokenizer.token_to_id(EOS_TOKEN) is not None:
+        tokens.append(EOS_TOKEN)
+    return tuple(dict.fromkeys(tokens)) or (EOS_TOKEN,)
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: int = 2):

@@ -1,7 +1,9 @@
 """Token streams on disk: one flat numpy memmap per split, documents separated by EOS.
 
 `tokens.json` beside them records the dtype, the counts and the hash of the tokenizer that made
-them, so a stream is never read with the wrong tokenizer.
+them, so a stream is never read with the wrong tokenizer. A corpus holds the streams of its own
+tokenizer; the same corpus encoded with a pretrained family's tokenizer goes to a directory of
+its own (`tokenize_corpus(..., out_dir=...)`), which `tokens.json` ties back to the corpus.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def encode_documents(tokenizer, documents: Iterable[str], out_path: Path, total:
 
 
 def write_tokens_manifest(directory: Path, tokenizer_path: Path, dtype: np.dtype,
-                          counts: dict[str, int]) -> None:
-    manifest = {"tokenizer_sha256": file_sha256(tokenizer_path), "dtype": dtype.name, "tokens": counts}
+                          counts: dict[str, int], corpus_sha256: str | None = None) -> None:
+    manifest = {"tokenizer_sha256": file_sha256(tokenizer_path), "dtype": dtype.name, "tokens": counts,
+                "corpus_sha256": corpus_sha256}
     with atomic_file(directory / TOKENS_JSON) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -71,7 +74,8 @@ def open_tokens(directory: Path | str, split: str, tokenizer_path: Path | str | 
         raise DataError(f"{directory} has no {split!r} tokens; splits: {sorted(manifest['tokens'])}")
     if tokenizer_path is not None and file_sha256(Path(tokenizer_path)) != manifest["tokenizer_sha256"]:
         raise DataError(f"the tokens in {directory} were made with another tokenizer than "
-                        f"{tokenizer_path}; run `flow tokenize {directory}` again")
+                        f"{tokenizer_path}; encode the corpus with it: `flow tokenize CORPUS "
+                        f"--tokenizer {tokenizer_path} --out DIR`")
     tokens = np.memmap(directory / f"{split}.bin", dtype=manifest["dtype"], mode="r")
     if len(tokens) != manifest["tokens"][split]:
         raise DataError(f"{directory / (split + '.bin')} holds {len(tokens)} tokens, "
@@ -80,20 +84,27 @@ def open_tokens(directory: Path | str, split: str, tokenizer_path: Path | str | 
 
 
 def tokenize_corpus(corpus_dir: Path | str, tokenizer_path: Path | str | None = None,
-                    progress: bool = True) -> dict[str, int]:
-    """Encode every split of a corpus into `<split>.bin` memmaps; return tokens per split."""
-    from flow.data.corpus import SPLITS, iter_documents, read_manifest
+                    out_dir: Path | str | None = None, progress: bool = True) -> dict[str, int]:
+    """Encode every split of a corpus into `<split>.bin` memmaps; return tokens per split.
+
+    `tokenizer_path` defaults to the corpus's own `tokenizer.json`; `out_dir` (default: the
+    corpus directory) receives the streams and `tokens.json`, which records the corpus manifest's
+    hash beside the tokenizer's.
+    """
+    from flow.data.corpus import CORPUS_JSON, SPLITS, iter_documents, read_manifest
     from flow.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     corpus_dir = Path(corpus_dir)
     corpus = read_manifest(corpus_dir)
     tokenizer_path = Path(tokenizer_path or corpus_dir / TOKENIZER_FILE)
     tokenizer = load_tokenizer(tokenizer_path)
+    out_dir = Path(out_dir or corpus_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in SPLITS:
         counts[split] = encode_documents(tokenizer, iter_documents(corpus_dir, split),
-                                         corpus_dir / f"{split}.bin",
+                                         out_dir / f"{split}.bin",
                                          total=corpus["splits"][split]["files"], progress=progress)
     dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
-    write_tokens_manifest(corpus_dir, tokenizer_path, dtype, counts)
+    write_tokens_manifest(out_dir, tokenizer_path, dtype, counts, file_sha256(corpus_dir / CORPUS_JSON))
     return counts

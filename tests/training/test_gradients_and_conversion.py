@@ -1,25 +1,8 @@
 """Inside the ranks: exit-loss gradients across pipeline stages, and converted logits."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
-from flow import Family
-from runs import flow, write_config
-
-PROBE = Path(__file__).with_name("probe.py")
-
-
-def probe(run: Path, out: Path, mode: str, ranks: int) -> None:
-    out.mkdir(exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc-per-node={ranks}", str(PROBE), str(run / "ckpt"), str(out), mode],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-6000:]
+from runs import assert_family_logits_match_megatron, flow, probe, write_config
 
 
 def test_exit_loss_gradient_crosses_pipeline_stages_to_the_embedding(corpus, tmp_path):
@@ -42,9 +25,4 @@ def test_tp2_pp2_checkpoint_converts_to_a_family_with_the_same_logits(corpus, tm
     flow("train", "--config", write_config(run, corpus, parallel={"tensor": 2, "pipeline": 2},
                                            train={"steps": 3}, checkpoint={"interval": 3},
                                            eval={"interval": 3}))
-    probe(run, run / "probe", "logits", ranks=4)
-    family = Family.load(run / "family")
-    ids = torch.load(run / "probe" / "input_ids.pt")
-    for k in range(family.config.num_exits):
-        megatron_logits = torch.load(run / "probe" / f"logits_{k}.pt")
-        assert (megatron_logits - family.logits(ids, exit=k)).abs().max().item() <= 1e-4
+    assert_family_logits_match_megatron(run, ranks=4)

@@ -47,6 +47,12 @@ def test_frozen_backbone_trains_only_the_early_exits(corpus, tmp_path):
     (dict(train={"seq_len": 100}), "must lie in 1..64"),
     (dict(exit_loss={"weights": [1, 1]}), "has 2 entries, the family has 4 exits"),
     (dict(train={"learning_rate": 1}), "unknown keys ['learning_rate'] in section 'train'"),
+    (dict(exit_loss={"distill_alpha": 1.5}), "exit_loss.distill_alpha (1.5) must lie in 0..1"),
+    (dict(exit_loss={"distill_alpha": 0.5, "distill_temperature": 0}), "distill_temperature (0) must be > 0"),
+    (dict(exit_loss={"distill_alpha": 0.5}, parallel={"pipeline": 2}),
+     "needs every early exit on the last pipeline stage (layers 2..3), where the teacher is; exits after layers [0, 1]"),
+    (dict(model={"exits": []}, train={"freeze_backbone": True}), "freeze_backbone leaves nothing to train"),
+    (dict(data={"tokens": "/nonexistent"}), "data.tokens /nonexistent has no token streams"),
 ])
 def test_bad_configs_are_refused_before_any_process_starts(corpus, tmp_path, sections, message):
     started = time.perf_counter()
