@@ -23,6 +23,8 @@ exit block as e_k + 1 (its cache is its own, not block e_k + 1's). Rotary angles
   `is_causal` wrong).
 
 The family hash, exit, layers, dimensions and the cache layout go into the model's metadata.
+A member whose head equals the embedding (a tied checkpoint whose exit heads were not trained)
+is written with one tensor for both, as the checkpoint had it.
 """
 
 from __future__ import annotations
@@ -169,8 +171,13 @@ def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -
     config = family.config
     kv_cache = choose_kv_cache(config, kv_cache)
     model = family.model
-    if family.dtype != torch.float32:  # export in fp32 without converting the caller's family
+    tied = torch.equal(model.exits[exit].head.weight, model.embed.weight)
+    if family.dtype != torch.float32 or tied:  # export in fp32, never changing the caller's family
         model = copy.deepcopy(model).float()
+    if tied:
+        # The head equals the embedding (a tied source whose exit heads stayed frozen in tuning):
+        # one tensor in the graph serves both, as in the source model (SmolLM2: 28 M parameters).
+        model.exits[exit].head.weight = model.embed.weight
     member = DeviceMember(model, exit, kv_cache).eval()
     n = member.num_cache_layers
     batch, seq, past = 2, 3, 4

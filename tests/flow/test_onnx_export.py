@@ -170,3 +170,30 @@ def test_llama_int8_member_follows_the_reference_loosely(llama_family, llama_mem
     spread = reference.max() - reference.min()
     assert np.abs(logits - reference).max() < 0.03 * spread  # per-channel int8: close, not exact
     assert np.mean(logits.argmax(-1) == reference.argmax(-1)) >= 0.9
+
+
+def test_a_head_equal_to_the_embedding_is_exported_once(tmp_path):
+    """Catches: a tied member (its head kept equal to the embedding, as exit tuning with frozen
+    heads leaves SmolLM2's) shipped with two copies of the vocabulary matrix, or a shared tensor
+    that changes the logits or the caller's family."""
+    import onnx
+    import torch
+
+    from device.member import MemberSession
+
+    family = Family.random(tiny_config(vocab_size=2000, head_dim=16), seed=2)
+    with torch.no_grad():
+        family.model.exits[0].head.weight.copy_(family.model.embed.weight)
+    before = family.family_hash()
+    tied = export_member(family, 0, tmp_path / "tied.onnx")
+    untied = export_member(family, 1, tmp_path / "untied.onnx")  # exit 1's head is its own
+
+    def vocab_matrices(path):
+        shape = [family.config.vocab_size, family.config.hidden_size]
+        return sum(sorted(init.dims) == sorted(shape) for init in onnx.load(path).graph.initializer)
+
+    assert vocab_matrices(tied) == 1 and vocab_matrices(untied) == 2
+    assert family.family_hash() == before and family.model.exits[0].head.weight is not family.model.embed.weight
+    tokens = [5, 17, 1999, 3]
+    logits = MemberSession(tied, family_hash=before, exit=0).run(tokens, 0).logits
+    np.testing.assert_allclose(logits, family.logits(tokens, exit=0)[0].numpy(), atol=1e-4)
