@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python bench/x.py` from anywhere in the checkout
 
 from flow.fsutil import atomic_file  # noqa: E402
+from flow.quiet import quiet  # noqa: E402, F401  (the benches silence exporters with it)
 
 RESULTS = REPO / "bench" / "results"
 
@@ -39,19 +37,3 @@ def save_figure(figure, name: str) -> Path:
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
-
-
-@contextlib.contextmanager
-def quiet(*logger_names: str):
-    """Silence warnings and the named loggers below ERROR (exporters, quantizers, generation)."""
-    loggers = [logging.getLogger(name) for name in ("", *logger_names)]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)

@@ -24,6 +24,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free)")
     serve.add_argument("--name", default="cloud", help="tier name reported to clients (default cloud)")
     serve.add_argument("--max-sessions", type=int, default=64, help="KV cache slots (default 64)")
+    serve.add_argument("--max-context", type=int, default=2048,
+                       help="positions one session may hold, at most the family's context (default "
+                            "2048); the KV pool is allocated for max-sessions x max-context up front")
     serve.add_argument("--max-rows", type=int, default=512, help="rows per request at most (default 512)")
     serve.add_argument("--max-batch-rows", type=int, default=2048,
                        help="rows one engine step takes at most (default 2048)")
@@ -78,7 +81,8 @@ def run_serve(args: argparse.Namespace) -> None:
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         client_ca=args.client_ca.read_bytes() if args.client_ca else None)
     limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
-                          max_batch_rows=args.max_batch_rows, session_ttl_s=args.session_ttl)
+                          max_batch_rows=args.max_batch_rows, session_ttl_s=args.session_ttl,
+                          max_context=args.max_context)
     next_token = (args.next_token_file.read_text().splitlines()[0].strip()
                   if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,

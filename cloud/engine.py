@@ -90,9 +90,13 @@ class EngineLimits:
     max_rows_per_request: int = 512
     max_batch_rows: int = 2048  # real rows one step() may take; the rest waits for the next step
     session_ttl_s: float = 600.0  # idle sessions older than this are dropped
+    # Positions one session may hold, at most the family's context. The pool is allocated up
+    # front for every slot at this length: SmolLM2 (30 layers, 3 KV heads of 64) takes 46 KB per
+    # position, so its full 8192-token context in 64 slots would be 24.5 GB.
+    max_context: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_rows_per_request", "max_batch_rows"):
+        for name in ("max_sessions", "max_rows_per_request", "max_batch_rows", "max_context"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -264,8 +268,8 @@ class Engine:
             raise ConfigError(f"to_exit {to_exit} sits before block {self.first_layer}")
         self.policy = policy
         self.scratch = self.limits.max_sessions  # the extra slot padding writes to
-        shape = (self.limits.max_sessions + 1, config.num_kv_heads, config.max_seq_len,
-                 config.head_dim)
+        self.context = min(self.limits.max_context, config.max_seq_len)  # positions per session
+        shape = (self.limits.max_sessions + 1, config.num_kv_heads, self.context, config.head_dim)
         new_pool = lambda: (torch.zeros(shape, dtype=self.dtype, device=self.device),  # noqa: E731
                             torch.zeros(shape, dtype=self.dtype, device=self.device))
         self._pool = {layer: new_pool() for layer in range(self.first_layer, self.last_layer + 1)}
@@ -522,7 +526,7 @@ class Engine:
         job.new.append(token)
         _call(job.work.on_token, token)
         if (len(job.new) >= job.max_new_tokens or token in job.stop_ids
-                or len(job.tokens) >= self.config.max_seq_len):
+                or len(job.tokens) >= self.context):
             self._complete(session, job.new)
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -657,9 +661,9 @@ class Engine:
             hint = " (a rollback can only go back)" if rollback else ""
             raise FrontierMismatch(f"start {start} is not the session's frontier {frontier}; send "
                                    f"the rows from position {frontier}{hint}", frontier)
-        if start + count > self.config.max_seq_len:
-            raise InvalidRequest(f"positions {start}..{start + count - 1} run past the context of "
-                                 f"{self.config.max_seq_len}")
+        if start + count > self.context:
+            raise InvalidRequest(f"positions {start}..{start + count - 1} run past this tier's "
+                                 f"context of {self.context} positions per session")
         return start
 
     def _check_token_ids(self, token_ids: list[int]) -> list[int]:
@@ -668,9 +672,9 @@ class Engine:
             tokens = [_integer(t, "token id") for t in token_ids]
         except TypeError:
             raise InvalidRequest("token_ids must be a list of integers") from None
-        if not tokens or len(tokens) >= config.max_seq_len:
-            raise InvalidRequest(f"a generate prompt needs 1..{config.max_seq_len - 1} tokens (the "
-                                 f"context is {config.max_seq_len}), got {len(tokens)}")
+        if not tokens or len(tokens) >= self.context:
+            raise InvalidRequest(f"a generate prompt needs 1..{self.context - 1} tokens (this "
+                                 f"tier's context is {self.context}), got {len(tokens)}")
         bad = [t for t in tokens if not 0 <= t < config.vocab_size]
         if bad:
             raise InvalidRequest(f"token ids must lie in 0..{config.vocab_size - 1}, got {bad[:5]}")

@@ -99,7 +99,7 @@ def _worker_args(spec: TierSpec) -> list[str]:
     threads = max(1, (os.cpu_count() or 1) // max(1, spec.workers))
     args = ["--max-sessions", str(limits.max_sessions), "--max-rows", str(limits.max_rows_per_request),
             "--max-batch-rows", str(limits.max_batch_rows), "--session-ttl", str(limits.session_ttl_s),
-            "--threads", str(threads)]
+            "--max-context", str(limits.max_context), "--threads", str(threads)]
     if spec.to_exit is not None:
         args += ["--to-exit", str(spec.to_exit), "--policy", spec.policy]
     return args

@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=512)
     parser.add_argument("--max-batch-rows", type=int, default=2048)
     parser.add_argument("--session-ttl", type=float, default=600.0)
+    parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--to-exit", type=int, default=None, help="an edge's answering exit")
     parser.add_argument("--policy", default="max_prob", help="an edge's confidence policy")
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     family = Family.load(args.family)
     limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
-                          max_batch_rows=args.max_batch_rows, session_ttl_s=args.session_ttl)
+                          max_batch_rows=args.max_batch_rows, session_ttl_s=args.session_ttl,
+                          max_context=args.max_context)
     engine = Engine(family, limits=limits, to_exit=args.to_exit, policy=args.policy)
     Worker(engine, family.family_hash(), args.connect).run()
     return 0

@@ -30,8 +30,10 @@ def main() -> int:
     parser.add_argument("--no-color", dest="color", action="store_false",
                         help="mark nothing (the summaries still give each mode's device share)")
     args = parser.parse_args()
+    # One device talks to it: a few KV slots are enough (the pool is allocated up front).
     server = subprocess.Popen([sys.executable, "-m", "flow.cli.main", "serve", str(args.family),
-                               "--port", "0", "--workers", "1", "--from-exit", str(args.exit)],
+                               "--port", "0", "--workers", "1", "--from-exit", str(args.exit),
+                               "--max-sessions", "4"],
                               stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()

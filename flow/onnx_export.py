@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from flow.artifact import MEMBER_FORMAT, MEMBER_FORMAT_VERSION
 from flow.model import FamilyCache, FamilyModel
 from flow.onnx_gqa import group_query_attention
+from flow.quiet import quiet
 
 OPSET = 23
 KV_CACHE_LAYOUTS = ("shared", "concat")
@@ -190,7 +191,7 @@ def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -
     b, t, p, s = (torch.export.Dim(name, min=1, max=config.max_seq_len)
                   for name in ("batch", "sequence", "past_sequence", "total_sequence"))
     dynamic = ({0: b, 1: t}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(2 * n)))
-    with torch.no_grad():
+    with torch.no_grad(), quiet("torch", "onnxscript"):
         program = torch.onnx.export(member, example, dynamo=True, opset_version=OPSET,
                                     dynamic_shapes=dynamic, input_names=input_names(n),
                                     output_names=output_names(n), verbose=False,
@@ -227,8 +228,9 @@ def quantize_member(fp32_path: Path | str, int8_path: Path | str) -> Path:
 
     int8_path = Path(int8_path)
     with atomic_file(int8_path) as tmp:
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"])
+        with quiet("onnxruntime"):  # it suggests pre-processing, which changes nothing here
+            quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"])
         proto = onnx.load(tmp)
         for prop in proto.metadata_props:
             if prop.key == "weights":

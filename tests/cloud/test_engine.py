@@ -478,6 +478,26 @@ def test_first_layer_limits_what_the_engine_serves(family):
     assert engine.stats()["kv_bytes_total"] * 5 == full.stats()["kv_bytes_total"] * 2
 
 
+def test_max_context_bounds_the_pool_and_the_positions_a_session_holds(family):
+    """Catches: a pool allocated for the family's whole context whatever the limit (SmolLM2's
+    8192 positions in 64 slots would be 24.5 GB), and positions past the limit accepted (they
+    would be written outside the pool) or a generation running past it."""
+    engine = Engine(family, limits=EngineLimits(max_sessions=2, max_context=24))
+    full = Engine(family, limits=EngineLimits(max_sessions=2))  # the family's 96 positions
+    assert engine.stats()["kv_bytes_total"] * 4 == full.stats()["kv_bytes_total"]
+    tokens = prompt_of(24, seed=72)
+    session, _ = engine.open_session("o", 0)
+    got = answer(engine, session, "o", 0, rows(family, tokens, 0), return_all=True)
+    assert_argmax(family.logits(tokens, exit=LAST)[0], got.tokens)  # 24 positions fit, exactly
+    with pytest.raises(InvalidRequest, match="context of 24 positions"):
+        engine.submit_continue(session, "o", 24, rows(family, tokens + [5], 0)[-1:])
+    with pytest.raises(InvalidRequest, match="1..23 tokens"):
+        engine.submit_generate("o", tokens, 4, None, ())
+    generation = engine.submit_generate("o", tokens[:20], 10, None, ())
+    run(engine)
+    assert len(generation.result) == 4  # stops where the context ends
+
+
 def test_a_failed_forward_answers_its_requests_and_the_engine_goes_on(family, monkeypatch):
     engine = Engine(family, limits=EngineLimits(max_sessions=2))
     tokens = prompt_of(6, seed=81)
