@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed generation rounds (after one warm-up) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny family and few steps (< 60 s)")
+    parser.add_argument("--name", default=NAME, help="results file name under bench/results (default: %(default)s)")
     parser.add_argument("--serve-spec", help=argparse.SUPPRESS)  # internal: run as the server child
     argv = sys.argv[1:] if argv is None else argv
     if parser.parse_known_args(argv)[0].quick:
@@ -174,12 +175,19 @@ def engine_round(engine, sessions: list[str], rows: np.ndarray, prompt: int, ste
             "decode_engine_steps": stats["steps"] - decode_steps}
 
 
+def context(args) -> int:
+    """Positions a session of this benchmark holds at most: the KV pool is sized to it (a
+    family's whole context in every slot would be gigabytes for a pretrained model)."""
+    return max(args.prompt + max(args.steps, args.grpc_steps), args.gen_prompt + args.gen_tokens)
+
+
 def engine_level(family, rows: np.ndarray, args) -> list[dict]:
     from cloud.engine import Engine, EngineLimits
 
     most = max(args.concurrency)
     engine = Engine(family, limits=EngineLimits(max_sessions=most, max_rows_per_request=args.prompt,
-                                                max_batch_rows=max(2048, most * args.prompt)))
+                                                max_batch_rows=max(2048, most * args.prompt),
+                                                max_context=context(args)))
     results = []
     for sessions_count in args.concurrency:
         sessions = [engine.open_session(OWNER, 0)[0] for _ in range(sessions_count)]
@@ -244,7 +252,7 @@ def serve_child(spec_json: str) -> None:
 
     family_dir = Path(spec["family_dir"])
     limits = EngineLimits(max_sessions=spec["max_sessions"], max_rows_per_request=spec["max_rows"],
-                          max_batch_rows=spec["max_batch_rows"])
+                          max_batch_rows=spec["max_batch_rows"], max_context=spec["max_context"])
     server = ServerThread(TierSpec(family_dir, 0, limits, ServerConfig(port=0), workers=spec["workers"]),
                           Family.load(family_dir))
     address = server.start()
@@ -258,7 +266,7 @@ def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, ma
     """A tier server in a child process; yields its address."""
     spec = dict(family_dir=str(family_dir), threads=args.threads, workers=workers,
                 max_sessions=max_sessions, max_rows=max(args.prompt, args.gen_prompt),
-                max_batch_rows=max_batch_rows)
+                max_batch_rows=max_batch_rows, max_context=context(args))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if workers:  # the workers inherit it: threads / workers torch threads each, not threads each
         env["OMP_NUM_THREADS"] = str(max(1, args.threads // workers))
@@ -361,7 +369,8 @@ def generation(family, family_dir: Path, work: Path, args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
     rng = np.random.default_rng(args.seed + 1)
     prompts = rng.integers(0, family.config.vocab_size, (args.gen_batch, args.gen_prompt)).tolist()
-    engine = Engine(family, limits=EngineLimits(max_sessions=args.gen_batch, max_rows_per_request=args.gen_prompt))
+    engine = Engine(family, limits=EngineLimits(max_sessions=args.gen_batch, max_rows_per_request=args.gen_prompt,
+                                                max_context=context(args)))
     new = args.gen_tokens
 
     def run_engine(batch: int) -> list[list[int]]:
@@ -586,7 +595,7 @@ def main() -> None:
               f"(target >= {TARGET_RATIO:g}x: {'met' if verdict else 'NOT met'})")
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "serve_spec"}
-    path = write_json(NAME, {
+    path = write_json(args.name, {
         "command": shlex.join(["python", "bench/cloud_throughput.py", *sys.argv[1:]]),
         "args": settings, "threads": args.threads, "versions": versions(), "cpu_count": os.cpu_count(),
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
@@ -621,8 +630,8 @@ def main() -> None:
         },
         "engine": engine_rows, "grpc": grpc, "generation": gen,
         "wall_seconds": time.perf_counter() - started})
-    save_figure(plot(engine_rows, grpc, gen, args), NAME)
-    print(f"\nwrote {path} and {RESULTS / (NAME + '.png')} in {time.perf_counter() - started:.0f} s")
+    save_figure(plot(engine_rows, grpc, gen, args), args.name)
+    print(f"\nwrote {path} and {RESULTS / (args.name + '.png')} in {time.perf_counter() - started:.0f} s")
 
 
 def engine_reference_tokens(family, rows: np.ndarray, args) -> list[list[int]]:
@@ -630,7 +639,8 @@ def engine_reference_tokens(family, rows: np.ndarray, args) -> list[list[int]]:
     from cloud.engine import Engine, EngineLimits
 
     count = max(args.grpc_concurrency)
-    engine = Engine(family, limits=EngineLimits(max_sessions=count, max_rows_per_request=args.prompt))
+    engine = Engine(family, limits=EngineLimits(max_sessions=count, max_rows_per_request=args.prompt,
+                                                max_context=context(args)))
     sessions = [engine.open_session(OWNER, 0)[0] for _ in range(count)]
     return engine_round(engine, sessions, rows, args.prompt, args.grpc_steps, batched=False)["tokens"]
 

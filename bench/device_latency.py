@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="keep the exported members here (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few tokens (< 60 s)")
+    parser.add_argument("--name", default=NAME, help="results file name under bench/results (default: %(default)s)")
     argv = sys.argv[1:] if argv is None else argv
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**QUICK)
@@ -509,7 +510,7 @@ def main() -> None:
         print_member(row)
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "members"}
-    path = write_json(NAME, {
+    path = write_json(args.name, {
         "command": shlex.join(["python", "bench/device_latency.py", *sys.argv[1:]]),
         "args": settings, "threads": args.threads, "versions": versions(),
         "cpu_count": os.cpu_count(), "l3_cache_bytes": l3_cache_bytes(),
@@ -531,8 +532,8 @@ def main() -> None:
                        "longer than one token along the sequence axis",
         },
         "members": rows, "wall_seconds": time.perf_counter() - started})
-    save_figure(plot(rows, args.threads), NAME)
-    print(f"\nwrote {path} and {RESULTS / (NAME + '.png')} in {time.perf_counter() - started:.0f} s")
+    save_figure(plot(rows, args.threads), args.name)
+    print(f"\nwrote {path} and {RESULTS / (args.name + '.png')} in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from device.member import MemberSession
 from flow import Family, HashMismatchError
 from flow.artifact import ArtifactError
 from flow.onnx_export import export_member
+from parity import check_member_matches_family
 
 
 @pytest.mark.parametrize("exit", [0, 1])
@@ -17,20 +18,9 @@ def test_prefill_decode_and_rollback_match_the_reference(device_family, exit):
     member = MemberSession(path / "members" / str(exit) / "device.onnx",
                            family_hash=family.family_hash(), exit=exit)
     assert member.info.kv_cache == "shared"
-    tokens = [17, 3, 250, 9, 41, 8]
-    out = member.run(tokens, 0)
-    np.testing.assert_allclose(out.logits, family.logits(tokens, exit=exit)[0].numpy(), atol=1e-4)
-    np.testing.assert_allclose(out.handoff, family.handoff(tokens, exit=exit)[0].numpy(), atol=1e-4)
-    for _ in range(8):  # decode fed with the member's own cache
-        tokens.append(int(out.logits[-1].argmax()))
-        out = member.run(tokens[-1:], len(tokens) - 1)
-        np.testing.assert_allclose(out.logits[0], family.logits(tokens, exit=exit)[0, -1].numpy(),
-                                   atol=1e-4)
-    # roll back 5 positions and feed a different 3-token chunk at once
-    tokens = tokens[:9] + [1, 2, 3]
-    out = member.run(tokens[9:], 9)
-    np.testing.assert_allclose(out.logits, family.logits(tokens, exit=exit)[0, 9:].numpy(), atol=1e-4)
-    np.testing.assert_allclose(out.handoff, family.handoff(tokens, exit=exit)[0, 9:].numpy(), atol=1e-4)
+    # 8 decode steps, then roll back 5 positions and feed a different 3-token chunk at once
+    check_member_matches_family(member, family, exit, [17, 3, 250, 9, 41, 8], decode_steps=8,
+                                keep=9, chunk=[1, 2, 3])
 
 
 def test_batch_of_right_padded_rows_decodes_with_one_shared_buffer(device_family):

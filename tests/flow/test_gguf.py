@@ -6,7 +6,6 @@ flow's reader, its dequantization path, name map and un-permutation are checked 
 implementation that shares none of them.
 """
 
-import copy
 import json
 
 import gguf
@@ -20,6 +19,7 @@ from builders import random_hf_checkpoint
 from flow import ArtifactError, ConfigError, Family
 from flow.data.corpus import stdlib_sources
 from flow.data.tokenizer import EOS_TOKEN, train_tokenizer
+from parity import truncated_logits
 
 F32, Q8_0, Q4_1 = (gguf.GGMLQuantizationType[name] for name in ("F32", "Q8_0", "Q4_1"))
 CONTROL, USER_DEFINED = 3, 4
@@ -105,19 +105,6 @@ def write_gguf(path, src, qtype=F32, pre="gpt2", vocabulary=None, arch_name=None
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def truncated_logits(model, num_layers, ids):
-    """Logits of `model`'s first `num_layers` layers + final norm + head, by transformers."""
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:num_layers]
-    truncated = AutoModelForCausalLM.from_config(config).eval()
-    missing, _ = truncated.load_state_dict(model.state_dict(), strict=False)
-    assert not missing
-    with torch.no_grad():
-        return truncated(torch.as_tensor(ids)).logits
 
 
 # ---- the model -------------------------------------------------------------------------------------

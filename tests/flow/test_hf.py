@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from builders import random_hf_checkpoint, random_llama_checkpoint, random_qwen3_checkpoint, tiny_config
 from flow import ConfigError, Family, FamilyConfig
 from flow.artifact import block_tensor_shapes
 from flow.hf import HF_BLOCK_NAMES
+from parity import truncated_logits
 
 SHAPES = [
     # Qwen3, GQA ratio 2, head_dim * heads == hidden
@@ -37,20 +38,6 @@ def hf_logits(model_dir, ids):
         return model(torch.as_tensor(ids)).logits
 
 
-def truncated_logits(model_dir, num_layers, ids):
-    """Logits of the checkpoint's first `num_layers` layers + final norm + head, by transformers."""
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(model_dir)
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:num_layers]
-    model = AutoModelForCausalLM.from_config(config).eval()
-    missing, _ = model.load_state_dict(full.state_dict(), strict=False)
-    assert not missing
-    with torch.no_grad():
-        return model(torch.as_tensor(ids)).logits
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_imported_family_matches_transformers_at_every_exit(tmp_path, shape):
     shape = dict(shape)
@@ -65,11 +52,12 @@ def test_imported_family_matches_transformers_at_every_exit(tmp_path, shape):
 
     full = hf_logits(src, ids)
     assert (family.logits(ids, exit=2) - full).abs().max().item() <= 1e-4
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 
     for k in range(family.config.num_exits):
         # Fresh exits are copies of block e+1, the final norm and the head: member k is the
         # checkpoint truncated to e+2 layers, which transformers computes independently.
-        expected = truncated_logits(src, family.config.member_num_layers(k), ids)
+        expected = truncated_logits(source, family.config.member_num_layers(k), ids)
         assert (family.logits(ids, exit=k) - expected).abs().max().item() <= 1e-4
 
         exported = family.export_hf(tmp_path / f"member{k}", exit=k)

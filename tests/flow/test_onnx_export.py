@@ -12,6 +12,7 @@ import pytest
 from builders import tiny_config
 from flow import Family
 from flow.onnx_export import export_member
+from parity import check_member_matches_family
 
 
 @pytest.fixture(scope="module")
@@ -144,18 +145,8 @@ def test_llama_member_matches_the_reference(llama_family, llama_member, exit, kv
 
     member = MemberSession(llama_member(exit, kv_cache), family_hash=llama_family.family_hash(), exit=exit)
     assert member.info.kv_cache == kv_cache
-    tokens = [17, 3, 60, 9, 41, 8]
-    out = member.run(tokens, 0)
-    np.testing.assert_allclose(out.logits, llama_family.logits(tokens, exit=exit)[0].numpy(), atol=1e-4)
-    np.testing.assert_allclose(out.handoff, llama_family.handoff(tokens, exit=exit)[0].numpy(), atol=1e-4)
-    for _ in range(5):  # decode fed with the member's own cache
-        tokens.append(int(out.logits[-1].argmax()))
-        out = member.run(tokens[-1:], len(tokens) - 1)
-        np.testing.assert_allclose(out.logits[0], llama_family.logits(tokens, exit=exit)[0, -1].numpy(),
-                                   atol=1e-4)
-    tokens = tokens[:7] + [1, 2]  # roll back and feed a different chunk
-    out = member.run(tokens[7:], 7)
-    np.testing.assert_allclose(out.logits, llama_family.logits(tokens, exit=exit)[0, 7:].numpy(), atol=1e-4)
+    check_member_matches_family(member, llama_family, exit, [17, 3, 60, 9, 41, 8], decode_steps=5,
+                                keep=7, chunk=[1, 2])
 
 
 def test_llama_int8_member_follows_the_reference_loosely(llama_family, llama_member, tmp_path):
