@@ -362,7 +362,7 @@ def generation(family, family_dir: Path, work: Path, args) -> dict:
     from cloud.engine import Engine, EngineLimits
     from flow.tier_client import GrpcTier
 
-    last = family.config.num_exits - 1
+    last = family.config.last_exit
     transformers.utils.logging.disable_progress_bar()
     with quiet():
         hf_dir = family.export_hf(work / "hf", exit=last)

@@ -55,7 +55,7 @@ def evaluate(family, windows, batch: int = 4) -> dict:
     import torch
     import torch.nn.functional as F
 
-    last = family.config.num_exits - 1
+    last = family.config.last_exit
     agree = [0] * (last + 1)
     nll = [0.0] * (last + 1)
     count = 0

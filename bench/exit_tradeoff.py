@@ -44,7 +44,7 @@ def measure(name: str, family_dir: Path, args) -> dict:
     family = Family.load(family_dir)
     config = family.config
     tokens = open_tokens(args.data, args.split, family_dir / "tokenizer.json")
-    early = list(range(config.num_exits - 1))
+    early = list(range(config.last_exit))
     began = time.perf_counter()
     measured = teacher_forced(family, list(range(config.num_exits)), tokens, args.window, args.tokens)
     result = {"family": str(family_dir), "family_hash": family.family_hash(),
@@ -69,7 +69,7 @@ def measure(name: str, family_dir: Path, args) -> dict:
               + ", ".join(f"{p} {row['policies'][p]['device_share_at_0.95']:.0%}/"
                           f"{row['policies'][p]['device_share_at_0.99']:.0%}" for p in POLICIES)
               + " on device at 95/99 % agreement", flush=True)
-    print(f"{name:>10s} full model: held-out loss {result['heldout_loss'][str(config.num_exits - 1)]:.3f}")
+    print(f"{name:>10s} full model: held-out loss {result['heldout_loss'][str(config.last_exit)]:.3f}")
     return result
 
 

@@ -76,7 +76,7 @@ def main() -> None:
     windows = min(args.windows, len(tokens) // args.window)
     exits = [k for k in range(manifest.config.num_exits)
              if member_path(args.family, k, int8=True).is_file()]
-    last = manifest.config.num_exits - 1
+    last = manifest.config.last_exit
     results = [member_cost(args.family, k, manifest.family_hash, tokens, args.window, windows,
                            args.threads, k == last) for k in exits]
     print(f"{'member':>6} {'top-1':>7} " + " ".join(f"{p:>9}" for p in POLICIES) + "   fp32 MB  int8 MB")

@@ -261,9 +261,9 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         # An edge engine stops at `to_exit` and answers with that exit (plus the hand-off rows
         # after its block, for the next tier); the cloud's engine runs to the full model.
-        self.last_exit = config.num_exits - 1 if to_exit is None else config.check_exit(to_exit)
+        self.last_exit = config.last_exit if to_exit is None else config.check_exit(to_exit)
         self.last_layer = config.exits[self.last_exit]
-        self.is_edge = self.last_exit != config.num_exits - 1
+        self.is_edge = self.last_exit != config.last_exit
         if self.is_edge and self.last_layer < self.first_layer:
             raise ConfigError(f"to_exit {to_exit} sits before block {self.first_layer}")
         self.policy = policy
@@ -618,9 +618,9 @@ class Engine:
     def _first_block_after(self, from_exit: int) -> int:
         config = self.config
         from_exit = _integer(from_exit, "from_exit")
-        if not 0 <= from_exit < config.num_exits - 1:
+        if not 0 <= from_exit < config.last_exit:
             raise InvalidRequest(f"exit {from_exit} has nothing after it to continue: this family's "
-                                 f"exits are 0..{config.num_exits - 1} and the last is the full model")
+                                 f"exits are 0..{config.last_exit} and the last is the full model")
         first = config.exits[from_exit] + 1
         if first > self.last_layer:
             raise InvalidRequest(f"this tier answers at exit {self.last_exit} (after block "

@@ -51,12 +51,12 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
     family = family or Family.load(spec.family_dir)
     config = family.config
     config.check_exit(spec.from_exit)
-    if spec.from_exit == config.num_exits - 1:
+    if spec.from_exit == config.last_exit:
         raise ConfigError(f"--from-exit {spec.from_exit} is the full model: nothing is left to serve "
                           f"after it; choose one of 0..{config.num_exits - 2}")
     limits = spec.limits or EngineLimits()
     metrics = TierMetrics()
-    edge = spec.to_exit is not None and spec.to_exit != config.num_exits - 1
+    edge = spec.to_exit is not None and spec.to_exit != config.last_exit
     if edge and spec.next_address is None:
         raise ConfigError(f"--to-exit {spec.to_exit} stops before the full model: give --next "
                           f"HOST:PORT of the tier to forward to")

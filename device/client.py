@@ -182,7 +182,7 @@ class DeviceClient:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "local" and self.tier is None:
             raise ConfigError(f"mode {mode!r} needs a next tier: pass cloud=...")
-        if mode in ("exit", "speculative") and self.exit == self.config.num_exits - 1:
+        if mode in ("exit", "speculative") and self.exit == self.config.last_exit:
             raise ConfigError(f"member {self.exit} is the full model; there is nothing after it "
                               f"to escalate to (use mode='local')")
         return mode

@@ -58,7 +58,7 @@ def expected_tensors(config: FamilyConfig) -> dict[str, tuple[int, ...]]:
     for layer in range(config.num_layers):
         shapes.update({f"blocks.{layer}.{name}": shape for name, shape in block.items()})
     for k in range(config.num_exits):
-        if k < config.num_exits - 1:
+        if k < config.last_exit:
             shapes.update({f"exits.{k}.block.{name}": shape for name, shape in block.items()})
         shapes[f"exits.{k}.norm.weight"] = (config.hidden_size,)
         shapes[f"exits.{k}.head.weight"] = (config.vocab_size, config.hidden_size)

@@ -75,7 +75,7 @@ def teacher_forced(family, exits: list[int], tokens: np.ndarray, window: int, ma
     import torch
     from tqdm import tqdm
 
-    last = family.config.num_exits - 1
+    last = family.config.last_exit
     usable = min(len(tokens) // window, max(1, max_tokens // window))
     if usable == 0:
         raise DataError(f"the held-out text has {len(tokens)} tokens, fewer than one window of "
@@ -112,7 +112,7 @@ def calibrate(family_dir: Path | str, exit: int, tokens: np.ndarray, target: flo
         raise DataError(f"--target is an agreement in (0, 1], got {target}")
     family = Family.load(family_dir)
     family.config.check_exit(exit)
-    if exit == family.config.num_exits - 1:
+    if exit == family.config.last_exit:
         raise DataError(f"member {exit} is the full model: it always agrees with itself")
     window = min(window, family.config.max_seq_len)
     measured = teacher_forced(family, [exit], tokens, window, max_tokens)[exit]

@@ -75,11 +75,16 @@ class FamilyConfig:
     def num_exits(self) -> int:
         return len(self.exits)
 
+    @property
+    def last_exit(self) -> int:
+        """The deepest exit: the full model."""
+        return len(self.exits) - 1
+
     def check_exit(self, exit: int) -> int:
         """Return `exit` if this family has member `exit`, else raise a clear `ConfigError`."""
         if isinstance(exit, bool) or not isinstance(exit, int) or not 0 <= exit < self.num_exits:
             raise ConfigError(
-                f"exit={exit!r} is not a member of this family: it has exits 0..{self.num_exits - 1} "
+                f"exit={exit!r} is not a member of this family: it has exits 0..{self.last_exit} "
                 f"after layers {list(self.exits)}")
         return exit
 
@@ -88,7 +93,7 @@ class FamilyConfig:
         return self.exits[self.check_exit(exit)]
 
     def is_final_exit(self, exit: int) -> bool:
-        return self.check_exit(exit) == self.num_exits - 1
+        return self.check_exit(exit) == self.last_exit
 
     def member_num_layers(self, exit: int) -> int:
         """Decoder layers of member `exit` as a standalone model (`e_k + 2`, or N)."""
@@ -112,7 +117,7 @@ class FamilyConfig:
     def total_parameters(self) -> int:
         head = self.hidden_size + self.vocab_size * self.hidden_size
         return (self.vocab_size * self.hidden_size + self.num_layers * self.block_parameters()
-                + self.num_exits * head + (self.num_exits - 1) * self.block_parameters())
+                + self.num_exits * head + self.last_exit * self.block_parameters())
 
     # ---- (de)serialisation ------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ class FamilyModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.exits = nn.ModuleList(
-            ExitBranch(config, with_block=k < config.num_exits - 1) for k in range(config.num_exits))
+            ExitBranch(config, with_block=k < config.last_exit) for k in range(config.num_exits))
 
     # ---- pieces the tiers compose -----------------------------------------------------------
 

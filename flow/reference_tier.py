@@ -65,9 +65,9 @@ class ReferenceTier:
         if family_hash != self.family_hash:
             raise HashMismatchError(f"the {self.name} tier serves family {self.family_hash[:16]}…, "
                                     f"not {family_hash[:16]}…; deploy the same family on both tiers")
-        if not 0 <= from_exit < config.num_exits - 1:
+        if not 0 <= from_exit < config.last_exit:
             raise TierError(f"exit {from_exit} has nothing after it to continue: this family's "
-                            f"exits are 0..{config.num_exits - 1} and the last is the full model")
+                            f"exits are 0..{config.last_exit} and the last is the full model")
         if codec not in CODECS:
             raise TierError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
         first = config.exits[from_exit] + 1
@@ -86,9 +86,9 @@ class ReferenceTier:
             raise HashMismatchError(f"the {self.name} tier serves family {self.family_hash[:16]}…, "
                                     f"not {family_hash[:16]}…")
         family, sampler = self.family, Sampler(sampling)
-        cache = family.model.new_cache(1, exits=[family.config.num_exits - 1])
+        cache = family.model.new_cache(1, exits=[family.config.last_exit])
         tokens, start = list(token_ids), 0
-        last_exit = family.config.num_exits - 1
+        last_exit = family.config.last_exit
         with torch.no_grad():
             for _ in range(max_new_tokens):
                 if len(tokens) >= family.config.max_seq_len:
@@ -133,7 +133,7 @@ class ReferenceTier:
         with torch.no_grad():
             out = model.run_blocks(hidden, session.first_layer, config.num_layers - 1, positions,
                                    session.cache)
-            logits = model.run_exit(out, config.num_exits - 1, positions, session.cache)[0].float()
+            logits = model.run_exit(out, config.last_exit, positions, session.cache)[0].float()
         session.frontier = start + len(rows)
         if not return_all:
             logits = logits[-1:]

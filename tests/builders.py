@@ -70,7 +70,7 @@ def agreeing_copy(family, damping: float = 0.25, noise: float = 0.1, seed: int =
 
     family = copy.deepcopy(family)
     model, config = family.model, family.config
-    last = config.num_exits - 1
+    last = config.last_exit
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         damped = [*model.blocks[config.exits[0] + 1:], *(model.exits[k].block for k in range(last))]

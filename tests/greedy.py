@@ -67,7 +67,7 @@ def check_same_greedy(family, exit: int, prompt: list[int], got: list[int],
 def check_speculative(family, prompt, result, max_new_tokens) -> list:
     """One speculative result: the full model's output, and its bookkeeping adds up. Returns
     its near ties."""
-    near_ties = check_same_greedy(family, family.config.num_exits - 1, prompt, result.tokens,
+    near_ties = check_same_greedy(family, family.config.last_exit, prompt, result.tokens,
                                   max_new_tokens)
     assert not any(result.offline)
     # every accepted draft is a token the device settled; every round settles its accepted drafts

@@ -128,7 +128,7 @@ def family_to_megatron(tensors: dict[str, Tensor], config: FamilyConfig, shard: 
         out[f"exit_branches.{k}.final_norm.weight"] = tensors[f"exits.{k}.norm.weight"]
         out[f"exit_branches.{k}.output_layer.weight"] = shard.rows(tensors[f"exits.{k}.head.weight"])
     if shard.last_stage:
-        last = config.num_exits - 1
+        last = config.last_exit
         out["decoder.final_layernorm.weight"] = tensors[f"exits.{last}.norm.weight"]
         out["output_layer.weight"] = shard.rows(tensors[f"exits.{last}.head.weight"])
     return {name: t.contiguous() for name, t in out.items()}
@@ -156,12 +156,12 @@ def megatron_to_family(state: dict[str, Tensor], config: FamilyConfig) -> dict[s
     for index in range(config.num_layers):
         for name, t in layer_from_megatron(layer(f"decoder.layers.{index}."), config).items():
             out[f"blocks.{index}.{name}"] = t
-    for k in range(config.num_exits - 1):
+    for k in range(config.last_exit):
         for name, t in layer_from_megatron(layer(f"exit_branches.{k}.layer."), config).items():
             out[f"exits.{k}.block.{name}"] = t
         out[f"exits.{k}.norm.weight"] = state[f"exit_branches.{k}.final_norm.weight"]
         out[f"exits.{k}.head.weight"] = state[f"exit_branches.{k}.output_layer.weight"]
-    last = config.num_exits - 1
+    last = config.last_exit
     out[f"exits.{last}.norm.weight"] = state["decoder.final_layernorm.weight"]
     out[f"exits.{last}.head.weight"] = state["output_layer.weight"]
     return {name: t.detach().clone().contiguous() for name, t in out.items()}

@@ -108,7 +108,7 @@ class Trainer:
         means of the objective ("loss") and of the cross-entropy ("ce")."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        c, model, last = self.config, self.model, self.family.num_exits - 1
+        c, model, last = self.config, self.model, self.family.last_exit
         # A frozen backbone has no backward to schedule: the model back-propagates its exit
         # branches during the forward, and the gradients are reduced below.
         forward_only = not train or model.backbone_frozen
@@ -205,7 +205,7 @@ class Trainer:
             collect_non_loss_data=True)
         logits = dict(self.model.exit_logits)
         if final:
-            logits[self.family.num_exits - 1] = final[0]
+            logits[self.family.last_exit] = final[0]
         return {k: gather_from_tensor_model_parallel_region(v) for k, v in logits.items()}
 
     @torch.no_grad()
