@@ -23,7 +23,7 @@ from device.client import DEFAULT_THRESHOLDS
 from device.member import MemberSession
 from flow.artifact import member_path, read_manifest
 from flow.calibration import CALIBRATION_FILE
-from flow.confidence import POLICIES, confidence
+from flow.confidence import POLICIES, ExitPolicy
 from flow.data.tokens import open_tokens
 
 
@@ -49,8 +49,8 @@ def member_cost(family_dir, exit: int, family_hash: str, tokens: np.ndarray, win
         a, b = fp32.run(ids, 0).logits, int8.run(ids, 0).logits
         same_top1.append(a.argmax(-1) == b.argmax(-1))
         for policy in POLICIES:
-            same_decision[policy].append((confidence(a, policy) >= taus[policy]) ==
-                                         (confidence(b, policy) >= taus[policy]))
+            rule = ExitPolicy(policy, taus[policy])
+            same_decision[policy].append(rule.accepts(a) == rule.accepts(b))
     return {
         "exit": exit, "positions": windows * window,
         "top1_agreement": float(np.concatenate(same_top1).mean()),

@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from flow.confidence import DEFAULT_THRESHOLDS, POLICIES
+
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     serve = subcommands.add_parser(
@@ -38,10 +40,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--next", default=None, help="HOST:PORT of the tier an edge forwards to")
     serve.add_argument("--next-token-file", type=Path, default=None,
                        help="bearer token for --next (first line of the file)")
-    serve.add_argument("--policy", choices=("max_prob", "margin", "entropy"), default="max_prob",
+    serve.add_argument("--policy", choices=POLICIES, default="max_prob",
                        help="an edge's confidence policy (default max_prob)")
-    serve.add_argument("--threshold", type=float, default=0.8,
-                       help="an edge's confidence threshold (default 0.8)")
+    serve.add_argument("--threshold", type=float, default=None,
+                       help="an edge's confidence threshold (default the policy's: "
+                            + ", ".join(f"{p} {t}" for p, t in DEFAULT_THRESHOLDS.items()) + ")")
     serve.add_argument("--workers", type=int, default=0,
                        help="engine worker processes (ZeroMQ); 0 (default) runs the engine in this "
                             "process")

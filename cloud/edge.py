@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 
 from cloud.server import TierService
+from flow.confidence import ExitPolicy
 from flow.escalation import Escalation
 from flow.tier import Continuation, SessionLost, TierUnavailable
 
@@ -30,10 +31,10 @@ from flow.tier import Continuation, SessionLost, TierUnavailable
 class EdgeService(TierService):
     """`flow.v1.Tier` for a tier that stops at exit `to_exit` and forwards to `next_tier`."""
 
-    def __init__(self, *args, next_tier, to_exit: int, threshold: float, hidden_size: int,
+    def __init__(self, *args, next_tier, to_exit: int, exit_policy: ExitPolicy, hidden_size: int,
                  max_seq_len: int, codec: str = "fp32", **kwargs):
         super().__init__(*args, **kwargs)
-        self.next_tier, self.to_exit, self.threshold = next_tier, to_exit, threshold
+        self.next_tier, self.to_exit, self.exit_policy = next_tier, to_exit, exit_policy
         self.hidden_size, self.max_seq_len, self.codec = hidden_size, max_seq_len, codec
         self._escalations: dict[str, Escalation] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -59,16 +60,14 @@ class EdgeService(TierService):
             escalation = self._escalation(session_id)
             escalation.keep(start)  # what the device discarded (rollback) is gone here too
             escalation.record(start, answer.handoff)
-            if not return_all and answer.scores[-1] >= self.threshold:
-                answer.tier = self.config.name
+            if not return_all and answer.scores[-1] >= self.exit_policy.threshold:
                 return answer
             try:
                 first, forwarded = await asyncio.to_thread(escalation.send, return_all, top_k)
             except TierUnavailable:
                 if return_all:
                     raise  # a verification must be the full model's: the device goes offline
-                answer.tier = self.config.name  # exit J's own token beats the device's
-                return answer
+                return answer  # exit J's own token beats the device's
             # the next tier answered for rows first..; the device asked about rows start..
             skip = start - first if return_all else 0
             return Continuation(forwarded.tokens[skip:], answer.frontier, forwarded.tier,

@@ -61,28 +61,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flow.confidence import confidence
+from flow.confidence import ExitPolicy
 from flow.errors import ConfigError
 from flow.model import FamilyCache
 from flow.sampling import Sampler
-from flow.tier import Continuation, FrontierMismatch, SamplingParams, SessionLost, TierError, TopK
+from flow.tier import (
+    Continuation,
+    Exhausted,
+    InvalidRequest,
+    SamplingParams,
+    SessionLost,
+    TierError,
+    TopK,
+    check_start,
+    first_block_after,
+    integer,
+    rolled_back,
+)
 
 log = logging.getLogger("flow.cloud.engine")
-
-TIER_NAME = "cloud"
-
-
-class EngineError(TierError):
-    """The engine refused or could not finish a request; the message says why."""
-
-
-class InvalidRequest(EngineError):
-    """A malformed request: shapes, sizes, non-finite values, positions (INVALID_ARGUMENT)."""
-
-
-class Exhausted(EngineError):
-    """Over a capacity limit: no free or evictable KV slot, too many rows (RESOURCE_EXHAUSTED)."""
-
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -266,7 +263,7 @@ class Engine:
         self.is_edge = self.last_exit != config.last_exit
         if self.is_edge and self.last_layer < self.first_layer:
             raise ConfigError(f"to_exit {to_exit} sits before block {self.first_layer}")
-        self.policy = policy
+        self.exit_policy = ExitPolicy(policy)  # an edge's scores; the front end applies the threshold
         self.scratch = self.limits.max_sessions  # the extra slot padding writes to
         self.context = min(self.limits.max_context, config.max_seq_len)  # positions per session
         shape = (self.limits.max_sessions + 1, config.num_kv_heads, self.context, config.head_dim)
@@ -295,8 +292,7 @@ class Engine:
     def rollback(self, session_id: str, owner: str, position: int) -> int:
         """Discard positions >= `position` (never moves forward); returns the frontier."""
         session = self._idle_session(session_id, owner)
-        position = _integer(position, "position")
-        session.frontier = min(session.frontier, max(0, position))
+        session.frontier = rolled_back(session.frontier, position)
         self._touch(session)
         return session.frontier
 
@@ -332,8 +328,8 @@ class Engine:
         """
         session = self._idle_session(session_id, owner)
         hidden = self._check_rows(rows)
-        start = self._check_start(session, start, len(hidden), rollback)
-        top_k = _integer(top_k, "top_k")
+        start = check_start(session.frontier, start, len(hidden), rollback, self.context)
+        top_k = integer(top_k, "top_k")
         if top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (0 = no top-k), got {top_k}")
         session.frontier = start  # a no-op unless rolling back
@@ -355,14 +351,14 @@ class Engine:
             raise InvalidRequest(f"this engine holds blocks {self.first_layer}..{self.last_layer} "
                                  f"only; whole-model generate needs every block")
         tokens = self._check_token_ids(token_ids)
-        max_new_tokens = _integer(max_new_tokens, "max_new_tokens")
+        max_new_tokens = integer(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         try:
             sampler = Sampler(sampling)
         except ConfigError as err:
             raise InvalidRequest(str(err)) from None
-        stops = frozenset(_integer(t, "stop id") for t in stop_ids)
+        stops = frozenset(integer(t, "stop id") for t in stop_ids)
         session = self._new_session(owner, 0, generating=True)  # last: it may evict
         work = Work("generate", session.id, on_done=on_done, on_token=on_token)
         self._enqueue(session, _Generate(work, tokens, max_new_tokens, sampler, stops))
@@ -375,7 +371,7 @@ class Engine:
         session = self._sessions.get(work._session_id)
         if session is not None and session.job is not None and session.job.work is work:
             self._release(session)
-        self._finish(work, error=EngineError("the request was cancelled"))
+        self._finish(work, error=TierError("the request was cancelled"))
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -395,7 +391,7 @@ class Engine:
             except Exception as err:  # noqa: BLE001 - a failed forward answers its requests, not the engine
                 log.exception("forward from block %d failed for %d requests", first, len(group))
                 for chunk in group:
-                    self._fail(chunk.session, EngineError(f"the engine failed on this request: {err}"))
+                    self._fail(chunk.session, TierError(f"the engine failed on this request: {err}"))
         rows = sum(chunk.length for chunk in chunks)
         if chunks:
             self._counts["steps"] += 1
@@ -504,13 +500,13 @@ class Engine:
         if len(logits):
             job.tokens += logits.argmax(-1).tolist()
             if self.is_edge:
-                job.scores += confidence(logits.cpu().numpy(), self.policy).tolist()
+                job.scores += self.exit_policy.scores(logits.cpu().numpy()).tolist()
             if job.top_k:
                 values, ids = logits.topk(job.top_k, dim=-1)
                 job.best += [TopK(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         if chunk.final:
             session.frontier = job.start + len(job.hidden)
-            answer = Continuation(job.tokens, session.frontier, TIER_NAME, job.best)
+            answer = Continuation(job.tokens, session.frontier, top_k=job.best)
             if self.is_edge:
                 answer.handoff = np.concatenate(job.handoff)
                 answer.scores = job.scores
@@ -616,12 +612,7 @@ class Engine:
     # ---- validation -------------------------------------------------------------------------
 
     def _first_block_after(self, from_exit: int) -> int:
-        config = self.config
-        from_exit = _integer(from_exit, "from_exit")
-        if not 0 <= from_exit < config.last_exit:
-            raise InvalidRequest(f"exit {from_exit} has nothing after it to continue: this family's "
-                                 f"exits are 0..{config.last_exit} and the last is the full model")
-        first = config.exits[from_exit] + 1
+        first = first_block_after(self.config, from_exit)
         if first > self.last_layer:
             raise InvalidRequest(f"this tier answers at exit {self.last_exit} (after block "
                                  f"{self.last_layer}); exit {from_exit} is not before it")
@@ -653,23 +644,10 @@ class Engine:
                                  f"(in {str(self.dtype).removeprefix('torch.')})")
         return hidden
 
-    def _check_start(self, session: _Session, start: int, count: int, rollback: bool) -> int:
-        start, frontier = _integer(start, "start"), session.frontier
-        if start < 0:
-            raise InvalidRequest(f"start must be >= 0, got {start}")
-        if start > frontier or (start != frontier and not rollback):
-            hint = " (a rollback can only go back)" if rollback else ""
-            raise FrontierMismatch(f"start {start} is not the session's frontier {frontier}; send "
-                                   f"the rows from position {frontier}{hint}", frontier)
-        if start + count > self.context:
-            raise InvalidRequest(f"positions {start}..{start + count - 1} run past this tier's "
-                                 f"context of {self.context} positions per session")
-        return start
-
     def _check_token_ids(self, token_ids: list[int]) -> list[int]:
         config = self.config
         try:
-            tokens = [_integer(t, "token id") for t in token_ids]
+            tokens = [integer(t, "token id") for t in token_ids]
         except TypeError:
             raise InvalidRequest("token_ids must be a list of integers") from None
         if not tokens or len(tokens) >= self.context:
@@ -679,12 +657,6 @@ class Engine:
         if bad:
             raise InvalidRequest(f"token ids must lie in 0..{config.vocab_size - 1}, got {bad[:5]}")
         return tokens
-
-
-def _integer(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InvalidRequest(f"{what} must be an integer, got {value!r}")
-    return int(value)
 
 
 def _call(callback: Callable | None, argument: Any) -> None:

@@ -23,11 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flow.codecs import CodecError
 from flow.errors import HashMismatchError
-from flow.tier import FrontierMismatch, SamplingParams, SessionLost, TierError, TierUnavailable
+from flow.status import status_of
+from flow.tier import SamplingParams, TierError
 from flow.v1 import tier_pb2, tier_pb2_grpc
-from flow.wire import ERROR_KIND_KEY, FRONTIER_KEY, codec_name, tensor_to_rows
+from flow.wire import codec_name, tensor_to_rows
 
 log = logging.getLogger("flow.cloud")
 SERVICE_NAME = tier_pb2.DESCRIPTOR.services_by_name["Tier"].full_name
@@ -115,21 +115,19 @@ class TierService(tier_pb2_grpc.TierServicer):
                                 "'authorization: Bearer <token>'")
         return digest.hex()[:32]
 
-    async def _check_family(self, family_hash: str, context) -> None:
+    def _check_family(self, family_hash: str) -> None:
         if family_hash != self.family_hash:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise HashMismatchError(
                 f"this tier serves family {self.family_hash[:16]}…, the request names "
-                f"{family_hash[:16] or '(none)'}…; deploy the same family on both tiers",
-                trailing_metadata=((ERROR_KIND_KEY, "family-hash"),))
+                f"{family_hash[:16] or '(none)'}…; deploy the same family on both tiers")
 
     # ---- RPCs -------------------------------------------------------------------------------
 
     @_observed
     async def OpenSession(self, request, context):
         owner = await self._owner(context)
-        await self._check_family(request.family_hash, context)
         async with _status(context):
+            self._check_family(request.family_hash)
             codec_name(request.codec)
             session_id, frontier = await self.engine.open_session(owner, int(request.from_exit))
         return tier_pb2.OpenSessionResponse(session_id=session_id, frontier=frontier,
@@ -145,17 +143,13 @@ class TierService(tier_pb2_grpc.TierServicer):
                 request.session_id, owner, int(request.start), rows,
                 return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
                 rollback=request.rollback)
-        return tier_pb2.ContinueResponse(
-            tokens=answer.tokens, frontier=answer.frontier, tier=answer.tier,
-            top_k=[tier_pb2.TopK(ids=t.ids, logits=t.logits) for t in answer.top_k])
+        return answer.to_pb(self.config.name)
 
     async def _continue(self, session_id: str, owner: str, start: int, rows, return_all: bool,
                         top_k: int, rollback: bool):
         """The engine's answer to a continue (an edge tier adds forwarding)."""
-        answer = await self.engine.continue_(session_id, owner, start, rows, return_all=return_all,
-                                             top_k=top_k, rollback=rollback)
-        answer.tier = self.config.name
-        return answer
+        return await self.engine.continue_(session_id, owner, start, rows, return_all=return_all,
+                                           top_k=top_k, rollback=rollback)
 
     async def _close(self, session_id: str, owner: str) -> None:
         await self.engine.close(session_id, owner)
@@ -178,16 +172,14 @@ class TierService(tier_pb2_grpc.TierServicer):
     async def Generate(self, request, context):
         owner = await self._owner(context)
         if request.family_hash:
-            await self._check_family(request.family_hash, context)
+            async with _status(context):
+                self._check_family(request.family_hash)
         bad = [t for t in request.token_ids if not 0 <= t < self.vocab_size]
         if not request.token_ids or bad or request.max_new_tokens < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "generate needs a non-empty prompt of token ids in "
                                 f"0..{self.vocab_size - 1} (bad: {bad[:5]}) and max_new_tokens >= 1")
-        sampling = request.sampling
-        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p or 1.0,
-                                seed=sampling.seed if sampling.HasField("seed") else None)
+        params = SamplingParams.from_pb(request.sampling)
         async with _status(context):
             from flow.sampling import check_sampling
 
@@ -202,35 +194,16 @@ class TierService(tier_pb2_grpc.TierServicer):
 
 @contextlib.asynccontextmanager
 async def _status(context: grpc.aio.ServicerContext):
-    """Map the errors of codecs and the engine to the protocol's status codes."""
-    from flow.errors import ConfigError
-
+    """Answer the protocol's errors (`flow.status`) with their status codes; anything else is a
+    bug and reaches gRPC as UNKNOWN."""
     try:
         yield
-    except FrontierMismatch as err:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err),
-                            trailing_metadata=((FRONTIER_KEY, str(err.frontier)),))
-    except SessionLost as err:
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-    except TierUnavailable as err:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-    except HashMismatchError as err:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err),
-                            trailing_metadata=((ERROR_KIND_KEY, "family-hash"),))
-    except (CodecError, ConfigError) as err:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-    except TierError as err:
-        await context.abort(_code_of(err), str(err))
-
-
-def _code_of(err: TierError) -> grpc.StatusCode:
-    from cloud.engine import Exhausted, InvalidRequest
-
-    if isinstance(err, Exhausted):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(err, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.FAILED_PRECONDITION
+    except Exception as err:
+        status = status_of(err)
+        if status is None:
+            raise
+        await context.abort(grpc.StatusCode[status.code], status.message,
+                            trailing_metadata=status.trailers)
 
 
 class TierServer:

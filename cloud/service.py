@@ -32,12 +32,13 @@ class TierSpec:
     workers: int = 0  # engine worker processes to spawn; 0 = the engine runs in this process
     endpoint: str | None = None  # ROUTER endpoint for workers (default: an ipc:// path)
     metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
-    # An edge tier: answer at exit `to_exit` when its `policy` passes `threshold`, else forward
-    # to the tier at `next_address` (a `flow.tier.NextTier` object works too, for tests).
+    # An edge tier: answer at exit `to_exit` when its `policy` passes `threshold` (None: the
+    # policy's default), else forward to the tier at `next_address` (a `flow.tier.NextTier`
+    # object works too, for tests).
     to_exit: int | None = None
     next_address: object = None
     policy: str = "max_prob"
-    threshold: float = 0.8
+    threshold: float | None = None
     next_token: str | None = None
 
 
@@ -69,7 +70,7 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
     common = (engine, family.family_hash(), config.vocab_size, spec.server)
     if edge:
         from cloud.edge import EdgeService
-        from flow.confidence import check_threshold
+        from flow.confidence import ExitPolicy
         from flow.tier_client import GrpcTier
 
         next_tier = spec.next_address
@@ -77,7 +78,7 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
             next_tier = GrpcTier(next_tier, token=spec.next_token)
         service = EdgeService(*common, max_rows=limits.max_rows_per_request, metrics=metrics,
                               next_tier=next_tier, to_exit=spec.to_exit,
-                              threshold=check_threshold(spec.policy, spec.threshold),
+                              exit_policy=ExitPolicy(spec.policy, spec.threshold),
                               hidden_size=config.hidden_size, max_seq_len=config.max_seq_len)
     else:
         service = TierService(*common, max_rows=limits.max_rows_per_request, metrics=metrics)

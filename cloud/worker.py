@@ -6,8 +6,10 @@ The front end binds a ROUTER; each worker connects a DEALER, says HELLO (with it
 a worker of another family is turned away), then serves commands between engine steps and sends
 a heartbeat while idle so the front end notices a dead worker.
 
-Messages are multipart: one JSON header frame, then raw little-endian float32 frames for hand-off
-rows — never pickle, so a worker reachable over tcp:// executes nothing it is sent.
+Messages are multipart: one JSON header frame, then the binary parts the header lists in
+`parts`: "answer", a `flow.v1.ContinueResponse` (`Continuation.to_pb`), and "rows", raw
+little-endian float32 hand-off rows of the header's `shape` — never pickle, so a worker reachable
+over tcp:// executes nothing it is sent. Errors travel as `flow.status` statuses.
 """
 
 from __future__ import annotations
@@ -26,32 +28,53 @@ HEARTBEAT_S = 0.5
 
 # ---- the message format (shared with cloud.workers) ------------------------------------------
 
-def pack(header: dict, rows: np.ndarray | None = None) -> list[bytes]:
-    if rows is None:
-        return [json.dumps(header).encode()]
-    rows = np.ascontiguousarray(rows, dtype="<f4")
-    return [json.dumps({**header, "shape": list(rows.shape)}).encode(), rows.tobytes()]
+def pack(header: dict, rows: np.ndarray | None = None, answer=None) -> list[bytes]:
+    """Frames of a message: `header`, then an answer (a `Continuation`) and rows if given."""
+    header, parts = {**header, "parts": []}, []
+    if answer is not None:
+        header["parts"].append("answer")
+        parts.append(answer.to_pb().SerializeToString())
+        header["scores"] = answer.scores  # an edge engine's confidence (not on the wire)
+    if rows is not None:
+        rows = np.ascontiguousarray(rows, dtype="<f4")
+        header["parts"].append("rows")
+        header["shape"] = list(rows.shape)
+        parts.append(rows.tobytes())
+    return [json.dumps(header).encode(), *parts]
 
 
-def unpack(frames: list[bytes]) -> tuple[dict, np.ndarray | None]:
+def unpack(frames: list[bytes]) -> tuple[dict, np.ndarray | None, object]:
+    """(header, rows or None, `Continuation` or None) of a message's frames."""
+    from flow.tier import Continuation
+    from flow.v1 import tier_pb2
+
     header = json.loads(frames[0])
-    rows = None
-    if len(frames) > 1:
-        rows = np.frombuffer(frames[1], dtype="<f4").reshape(header["shape"]).astype(np.float32)
-    return header, rows
+    parts = dict(zip(header.get("parts", ()), frames[1:], strict=True))
+    rows = answer = None
+    if "rows" in parts:
+        rows = np.frombuffer(parts["rows"], dtype="<f4").reshape(header["shape"]).astype(np.float32)
+    if "answer" in parts:
+        answer = Continuation.from_pb(tier_pb2.ContinueResponse.FromString(parts["answer"]))
+        answer.scores, answer.handoff = header.get("scores", []), rows
+    return header, rows, answer
 
 
 def error_header(err: Exception) -> dict:
-    """An exception as a header the front end turns back into the same kind of error."""
-    header = {"error": type(err).__name__, "message": str(err)}
-    if hasattr(err, "frontier"):
-        header["frontier"] = err.frontier
-    return header
+    """A refusal as a header the front end turns back into the same error (`flow.status`)."""
+    from flow.status import status_of
+    from flow.tier import TierError
+
+    status = status_of(err) or status_of(TierError(f"{type(err).__name__}: {err}"))
+    return {"error": {"code": status.code, "message": status.message,
+                      "trailers": [list(t) for t in status.trailers]}}
 
 
-def continuation_header(result) -> dict:
-    return {"tokens": result.tokens, "frontier": result.frontier,
-            "top_k": [[t.ids, t.logits] for t in result.top_k], "scores": result.scores}
+def error_from_header(header: dict) -> Exception:
+    """The error a worker reported with `error_header`."""
+    from flow.status import error_of
+
+    error = header["error"]
+    return error_of(error["code"], error["message"], [tuple(t) for t in error["trailers"]])
 
 
 # ---- the worker ---------------------------------------------------------------------------------
@@ -86,7 +109,7 @@ class Worker:
                 if not dict(poller.poll(timeout_ms)):
                     break
                 timeout_ms = 0
-                header, rows = unpack(self.socket.recv_multipart())
+                header, rows, _ = unpack(self.socket.recv_multipart())
                 if header["op"] == "shutdown":
                     return
                 self.handle(header, rows)
@@ -143,8 +166,8 @@ class Worker:
         elif isinstance(work.result, list):  # a generate: its tokens went out one by one
             self.send({"id": rid, "done": True})
         else:  # an edge engine's answer carries the rows for the next tier as a frame
-            self.send({"id": rid, "done": True, **continuation_header(work.result)},
-                      work.result.handoff)
+            self.socket.send_multipart(pack({"id": rid, "done": True}, work.result.handoff,
+                                            answer=work.result))
 
 
 def main(argv: list[str] | None = None) -> int:

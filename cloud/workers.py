@@ -12,6 +12,7 @@ next request gets NOT_FOUND and the device replays onto a live worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import subprocess
@@ -21,24 +22,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloud.worker import pack, unpack
-from flow.tier import Continuation, FrontierMismatch, SessionLost, TierError, TierUnavailable, TopK
+from cloud.worker import error_from_header, error_header, pack, unpack
+from flow.tier import SessionLost, TierUnavailable
 
 log = logging.getLogger("flow.cloud.workers")
-
-
-def rebuild_error(header: dict) -> Exception:
-    """The exception a worker reported, as the type the front end maps to a status code."""
-    from cloud.engine import Exhausted, InvalidRequest
-    from flow.codecs import CodecError
-    from flow.errors import ConfigError
-
-    kind, message = header["error"], header.get("message", "")
-    if kind == "FrontierMismatch":
-        return FrontierMismatch(message, int(header["frontier"]))
-    known = {"SessionLost": SessionLost, "InvalidRequest": InvalidRequest, "Exhausted": Exhausted,
-             "CodecError": CodecError, "ConfigError": ConfigError, "TierUnavailable": TierUnavailable}
-    return known.get(kind, TierError)(message if kind in known else f"{kind}: {message}")
 
 
 @dataclass
@@ -113,9 +100,9 @@ class WorkerPool:
     async def _receive(self) -> None:
         while True:
             identity, *frames = await self.socket.recv_multipart()
-            header, rows = unpack(frames)
-            if rows is not None:
-                header["handoff"] = rows
+            header, _, answer = unpack(frames)
+            if answer is not None:
+                header["answer"] = answer
             op = header.get("op")
             if op == "hello":
                 self._admit(identity, header)
@@ -156,7 +143,7 @@ class WorkerPool:
         self._finish(rid, worker)
         if not target.done():
             if "error" in header:
-                target.set_exception(rebuild_error(header))
+                target.set_exception(error_from_header(header))
             else:
                 target.set_result(header)
 
@@ -185,7 +172,7 @@ class WorkerPool:
         for rid in list(worker.pending):
             target = self._calls.pop(rid, None)
             if isinstance(target, asyncio.Queue):
-                target.put_nowait({"error": "TierUnavailable", "message": str(error)})
+                target.put_nowait(error_header(error))
             elif target is not None and not target.done():
                 target.set_exception(error)
 
@@ -237,9 +224,7 @@ class WorkerPool:
         answer = await self._ask(worker, {"op": "continue", "session_id": session_id, "owner": owner,
                                           "start": start, "return_all": return_all, "top_k": top_k,
                                           "rollback": rollback}, rows)
-        return Continuation(answer["tokens"], answer["frontier"], "cloud",
-                            [TopK(ids, logits) for ids, logits in answer["top_k"]],
-                            handoff=answer.get("handoff"), scores=answer.get("scores", []))
+        return answer["answer"]
 
     async def rollback(self, session_id, owner, position) -> int:
         answer = await self._ask(self._worker_of(session_id), {
@@ -256,8 +241,7 @@ class WorkerPool:
         worker = self._choose()
         rid, stream = await self._request(worker, {
             "op": "generate", "owner": owner, "token_ids": token_ids, "max_new_tokens": max_new_tokens,
-            "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                         "top_p": sampling.top_p, "seed": sampling.seed},
+            "sampling": dataclasses.asdict(sampling),
             "stop_ids": list(stop_ids)}, stream=True)
         finished = False
         try:
@@ -265,7 +249,7 @@ class WorkerPool:
                 header = await stream.get()
                 if "error" in header:
                     finished = True
-                    raise rebuild_error(header)
+                    raise error_from_header(header)
                 if "token" in header:
                     yield header["token"]
                 if header.get("done"):

@@ -12,6 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from flow.codecs import CODECS
+from flow.confidence import DEFAULT_THRESHOLDS, POLICIES
+from flow.tier import MODES
+
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     generate = subcommands.add_parser(
@@ -25,15 +29,17 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     generate.add_argument("family", type=Path, help="family directory (with members/<K>/device.onnx)")
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--exit", type=int, default=0, help="member to run on the device (default 0)")
-    generate.add_argument("--mode", choices=("local", "exit", "speculative", "cloud"), default="local")
+    generate.add_argument("--mode", choices=MODES, default="local")
     generate.add_argument("--cloud", default=None,
-                          help="next tier: 'local' = the reference model in this process "
-                               "(needs torch); HOST:PORT once the gRPC service exists")
-    generate.add_argument("--policy", choices=("max_prob", "margin", "entropy"), default="max_prob")
+                          help="next tier: HOST:PORT of its gRPC service, or 'local' = the "
+                               "reference model in this process (needs torch)")
+    generate.add_argument("--policy", choices=POLICIES, default="max_prob")
     generate.add_argument("--threshold", type=float, default=None,
-                          help="confidence threshold (default: calibration.json, else per policy)")
+                          help="confidence threshold (default: calibration.json, else the "
+                               "policy's: " + ", ".join(f"{p} {t}" for p, t in DEFAULT_THRESHOLDS.items())
+                               + ")")
     generate.add_argument("--draft-tokens", type=int, default=4, help="drafts per speculative round")
-    generate.add_argument("--codec", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+    generate.add_argument("--codec", choices=CODECS, default="fp32",
                           help="how hand-off rows travel (default fp32)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

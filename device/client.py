@@ -42,17 +42,14 @@ from device.member import MemberSession
 from device.text import TextStream
 from flow.artifact import TOKENIZER_FILE, member_path, read_manifest
 from flow.calibration import CALIBRATION_FILE
-from flow.confidence import POLICIES, check_threshold, confidence
+from flow.confidence import ExitPolicy
 from flow.data.tokenizer import token_ids
 from flow.errors import ConfigError, FlowError
 from flow.escalation import Escalation
 from flow.sampling import Sampler, check_sampling
-from flow.tier import Continuation, NextTier, SamplingParams, TierUnavailable
+from flow.tier import MODES, Continuation, NextTier, SamplingParams, TierUnavailable
 
-MODES = ("local", "exit", "speculative", "cloud")
 DEVICE = "device"
-# Thresholds used when neither the caller nor `flow calibrate` chose one.
-DEFAULT_THRESHOLDS = {"max_prob": 0.8, "margin": 0.5, "entropy": -1.0}
 
 
 class CloudRequiredError(FlowError):
@@ -125,11 +122,9 @@ class DeviceClient:
             cloud = GrpcTier(cloud, token=cloud_token)
         self.tier = cloud
         self.mode = self._check_mode(mode)
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        self.policy = policy
-        self.threshold = check_threshold(policy, self._default_threshold(family_dir, policy)
-                                         if threshold is None else threshold)
+        self.exit_policy = ExitPolicy(policy, threshold)
+        if threshold is None:
+            self.exit_policy = ExitPolicy(policy, self._calibrated_threshold(family_dir, policy))
         if draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.draft_tokens = draft_tokens
@@ -187,7 +182,16 @@ class DeviceClient:
                               f"to escalate to (use mode='local')")
         return mode
 
-    def _default_threshold(self, family_dir: Path, policy: str) -> float:
+    @property
+    def policy(self) -> str:
+        return self.exit_policy.policy
+
+    @property
+    def threshold(self) -> float:
+        return self.exit_policy.threshold
+
+    def _calibrated_threshold(self, family_dir: Path, policy: str) -> float | None:
+        """The member's `calibration.json` threshold for `policy`, if it calibrated these weights."""
         path = member_path(family_dir, self.exit).parent / CALIBRATION_FILE
         if path.is_file():
             calibration = json.loads(path.read_text())
@@ -195,7 +199,7 @@ class DeviceClient:
             if calibration.get("family_hash") == self.manifest.family_hash and \
                     policy in calibration.get("thresholds", {}):
                 return float(calibration["thresholds"][policy])
-        return DEFAULT_THRESHOLDS[policy]
+        return None
 
     def _load_tokenizer(self, family_dir: Path):
         path = family_dir / TOKENIZER_FILE
@@ -346,7 +350,7 @@ class Generation:
     def _next_token(self) -> Iterator[Step]:
         """local and exit modes: one token, from the device or from the tier."""
         client = self.client
-        if self.mode == "exit" and confidence(self.logits, client.policy) < client.threshold:
+        if self.mode == "exit" and not client.exit_policy.accepts(self.logits):
             top_k = 0 if self.sampler.greedy else (self.sampler.params.top_k or 64)
             sent = self.escalate(return_all=False, top_k=top_k)
             if sent is not None:

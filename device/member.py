@@ -5,7 +5,8 @@ the exit's logits and the hand-off state `h_e` for each of them. The cache slot 
 position, so going back (a rejected speculative draft, a replay) is just a smaller `start`: the
 slots past it are overwritten before anything attends to them.
 
-Graphs exported with the `shared` layout (ORT GroupQueryAttention) keep one preallocated buffer
+The graph's names, metadata and cache layouts are those of `flow.member_format`. Graphs
+exported with the `shared` layout (ORT GroupQueryAttention) keep one preallocated buffer
 per layer bound as both past and present through I/O binding, so a decode step writes its own
 key/value rows and copies nothing else. `concat` graphs (standard ONNX) get the past back as a
 new, longer present every call; they run too, at O(past) copy cost per call.
@@ -19,8 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from flow.artifact import MEMBER_FORMAT, MEMBER_FORMAT_VERSION
 from flow.errors import ArtifactError, FlowError, HashMismatchError
+from flow.member_format import (
+    ATTENTION_MASK,
+    HANDOFF_HIDDEN,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    SHARED,
+    MemberInfo,
+    cache_names,
+)
 
 # ORT device names for the OrtValues a provider computes on; others run on CPU memory.
 _PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda"}
@@ -28,43 +38,6 @@ _PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "
 
 class ContextFullError(FlowError):
     """The sequence would not fit the member's context (its KV cache)."""
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    """What an exported member says about itself (its ONNX metadata)."""
-
-    family_hash: str
-    exit: int
-    exit_layer: int
-    num_cache_layers: int
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_seq_len: int
-    kv_cache: str
-    weights: str
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: Path) -> MemberInfo:
-        if meta.get("format") != MEMBER_FORMAT:
-            raise ArtifactError(f"{where} is not a familial-flow device member (its metadata has no "
-                                f"format {MEMBER_FORMAT!r}); export it with `flow export-onnx`")
-        if meta.get("format_version") != MEMBER_FORMAT_VERSION:
-            raise ArtifactError(f"{where} is device-member format {meta.get('format_version')!r}; "
-                                f"this runtime reads {MEMBER_FORMAT_VERSION!r}. Re-export it with "
-                                f"`flow export-onnx`.")
-        try:
-            return cls(family_hash=meta["family_hash"], exit=int(meta["exit"]),
-                       exit_layer=int(meta["exit_layer"]),
-                       num_cache_layers=int(meta["num_cache_layers"]),
-                       hidden_size=int(meta["hidden_size"]), num_kv_heads=int(meta["num_kv_heads"]),
-                       head_dim=int(meta["head_dim"]), vocab_size=int(meta["vocab_size"]),
-                       max_seq_len=int(meta["max_seq_len"]), kv_cache=meta["kv_cache"],
-                       weights=meta["weights"])
-        except (KeyError, ValueError) as err:
-            raise ArtifactError(f"{where}: malformed member metadata ({err}); re-export it") from None
 
 
 @dataclass
@@ -118,6 +91,7 @@ class MemberSession:
         first = self.providers[0]
         self._device = _PROVIDER_DEVICES.get(first if isinstance(first, str) else first[0], "cpu")
         self._output_names = [o.name for o in self.session.get_outputs()]
+        self._cache_names = cache_names(self.info.num_cache_layers)  # (past, present) per tensor
         self.length = 0  # positions 0..length-1 hold valid keys/values
         self._cache: list = []
         self._binding = None
@@ -125,7 +99,7 @@ class MemberSession:
 
     @property
     def num_cache_tensors(self) -> int:
-        return 2 * self.info.num_cache_layers
+        return len(self._cache_names)
 
     def reset(self) -> None:
         """Forget the sequence; the next call starts at position 0."""
@@ -133,7 +107,7 @@ class MemberSession:
 
         info = self.info
         self.length = 0
-        if info.kv_cache == "shared":
+        if info.kv_cache == SHARED:
             shape = (1, info.num_kv_heads, self.max_seq_len, info.head_dim)
             # Allocated (zeroed) once per session; every call writes its rows in place. On CPU the
             # OrtValue wraps the numpy array, which must stay referenced as long as it is used.
@@ -161,25 +135,23 @@ class MemberSession:
             raise ContextFullError(f"{end} tokens do not fit this member's context of "
                                    f"{self.max_seq_len} tokens")
         feeds = {
-            "input_ids": np.asarray(tokens, dtype=np.int64)[None],
-            "position_ids": np.arange(start, end, dtype=np.int64)[None],
-            "attention_mask": np.ones((1, end), dtype=np.int64),
+            INPUT_IDS: np.asarray(tokens, dtype=np.int64)[None],
+            POSITION_IDS: np.arange(start, end, dtype=np.int64)[None],
+            ATTENTION_MASK: np.ones((1, end), dtype=np.int64),
         }
-        if self.info.kv_cache == "shared":
+        if self.info.kv_cache == SHARED:
             outputs = self._run_shared(feeds)
         else:
             outputs = self._run_concat(feeds, start)
         self.length = end
-        return MemberOutput(logits=outputs["logits"][0], handoff=outputs["handoff_hidden"][0])
+        return MemberOutput(logits=outputs[LOGITS][0], handoff=outputs[HANDOFF_HIDDEN][0])
 
     def _bind_cache(self):
         """One I/O binding for the session's life: the cache buffers as past *and* present."""
         binding = self.session.io_binding()
-        for i, buffer in enumerate(self._cache):
-            layer, kind = divmod(i, 2)
-            suffix = f"{layer}.{'value' if kind else 'key'}"
-            binding.bind_ortvalue_input(f"past_key_values.{suffix}", buffer)
-            binding.bind_ortvalue_output(f"present.{suffix}", buffer)  # same memory: in place
+        for (past, present), buffer in zip(self._cache_names, self._cache, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)  # same memory: in place
         return binding
 
     def _run_shared(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -187,20 +159,18 @@ class MemberSession:
         for name, array in feeds.items():  # only the per-call inputs change
             binding.bind_cpu_input(name, array)
         # Rebound every call: ORT allocates them at this call's shape, on the CPU.
-        binding.bind_output("logits", "cpu")
-        binding.bind_output("handoff_hidden", "cpu")
+        binding.bind_output(LOGITS, "cpu")
+        binding.bind_output(HANDOFF_HIDDEN, "cpu")
         self.session.run_with_iobinding(binding)
         # get_outputs() follows binding order: the cache first (bound once), then these two
         *_, logits, handoff = binding.get_outputs()
-        return {"logits": logits.numpy(), "handoff_hidden": handoff.numpy()}
+        return {LOGITS: logits.numpy(), HANDOFF_HIDDEN: handoff.numpy()}
 
     def _run_concat(self, feeds: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
-        for i, past in enumerate(self._cache):
-            layer, kind = divmod(i, 2)
-            feeds[f"past_key_values.{layer}.{'value' if kind else 'key'}"] = past[:, :, :start]
+        for (past_name, _), past in zip(self._cache_names, self._cache, strict=True):
+            feeds[past_name] = past[:, :, :start]
         results = dict(zip(self._output_names, self.session.run(None, feeds), strict=True))
-        self._cache = [results[f"present.{i // 2}.{'value' if i % 2 else 'key'}"]
-                       for i in range(self.num_cache_tensors)]
+        self._cache = [results[present] for _, present in self._cache_names]
         return results
 
     def end_profiling(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from flow.config import FamilyConfig
 from flow.data.tokenizer import EOS_TOKEN
 from flow.errors import ArtifactError, ConfigError, HashMismatchError
+from flow.member_format import FLOAT32_FILE, INT8_FILE
 
 FORMAT = "familial-flow/family"
 FORMAT_VERSION = 1
@@ -31,8 +32,6 @@ FAMILY_JSON = "family.json"
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 MEMBERS_DIR = "members"
-MEMBER_FORMAT = "familial-flow/device-member"  # ONNX metadata `format` of an exported member
-MEMBER_FORMAT_VERSION = "2"
 
 # ---- tensor names -------------------------------------------------------------------------------
 
@@ -180,8 +179,8 @@ def is_family_dir(path: Path | str) -> bool:
 
 
 def member_path(family_dir: Path | str, exit: int, int8: bool = False) -> Path:
-    """Where `flow export-onnx` writes member `exit`'s ONNX graph."""
-    return Path(family_dir) / MEMBERS_DIR / str(exit) / ("device.int8.onnx" if int8 else "device.onnx")
+    """Where `flow export-onnx` writes member `exit`'s ONNX graph (`flow.member_format`)."""
+    return Path(family_dir) / MEMBERS_DIR / str(exit) / (INT8_FILE if int8 else FLOAT32_FILE)
 
 
 def read_manifest(path: Path | str, verify: bool = True, weights: bool = True) -> FamilyManifest:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flow.confidence import POLICIES, confidence
+from flow.confidence import POLICIES, ExitPolicy
 from flow.errors import DataError
 from flow.fsutil import atomic_file
 
@@ -93,7 +93,7 @@ def teacher_forced(family, exits: list[int], tokens: np.ndarray, window: int, ma
                 logits = logits[0].float()  # (window, vocab)
                 member = logits.numpy()
                 for policy in POLICIES:
-                    scores[k][policy].append(confidence(member, policy))
+                    scores[k][policy].append(ExitPolicy(policy).scores(member))
                 agrees[k].append((logits.argmax(-1) == full_top1).numpy())
                 nll[k].append(torch.nn.functional.cross_entropy(logits[:-1], ids[1:],
                                                                 reduction="none").numpy())

@@ -7,15 +7,22 @@ accepted on the device when `score >= threshold`:
 - `margin`: top-1 minus top-2 probability (threshold in [0, 1]);
 - `entropy`: minus the entropy in nats (accept when entropy <= -threshold; thresholds are <= 0,
   `flow calibrate` picks them like the others).
+
+`ExitPolicy` (a policy and its threshold) is the one rule the device's `exit` mode, an edge tier
+and `flow calibrate` apply.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from flow.errors import ConfigError
 
 POLICIES = ("max_prob", "margin", "entropy")
+# The threshold of each policy when neither the caller nor a calibration gives one.
+DEFAULT_THRESHOLDS = {"max_prob": 0.8, "margin": 0.5, "entropy": -1.0}
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -37,14 +44,32 @@ def confidence(logits: np.ndarray, policy: str) -> np.ndarray:
     raise ConfigError(f"unknown confidence policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-def check_threshold(policy: str, threshold: float) -> float:
-    """`threshold` as a float if `policy` is known and the threshold is finite, else `ConfigError`.
+@dataclass(frozen=True)
+class ExitPolicy:
+    """When an exit settles a token itself: its `policy` score reaches `threshold`.
 
-    Any finite value is allowed: above every possible score (say 1.5 for `max_prob`) escalates
-    every token, below every score accepts every token.
+    `threshold` None takes the policy's default (`DEFAULT_THRESHOLDS`). Any finite threshold is
+    allowed: above every possible score (say 1.5 for `max_prob`) escalates every token, below
+    every score accepts every token. A bad policy or threshold is a `ConfigError`.
     """
-    if policy not in POLICIES:
-        raise ConfigError(f"unknown confidence policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if not np.isfinite(threshold):
-        raise ConfigError(f"the {policy} threshold must be a finite number, got {threshold}")
-    return float(threshold)
+
+    policy: str = "max_prob"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown confidence policy {self.policy!r}; choose one of "
+                              f"{', '.join(POLICIES)}")
+        threshold = DEFAULT_THRESHOLDS[self.policy] if self.threshold is None else self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating) \
+                or not np.isfinite(threshold):
+            raise ConfigError(f"the {self.policy} threshold must be a finite number, got {threshold!r}")
+        object.__setattr__(self, "threshold", float(threshold))
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """Confidence (...,) of logits (..., vocab); larger = surer."""
+        return confidence(logits, self.policy)
+
+    def accepts(self, logits: np.ndarray) -> np.ndarray:
+        """Whether the exit settles each row (..., vocab) itself."""
+        return self.scores(logits) >= self.threshold

@@ -2,9 +2,9 @@
 
 Whoever stops at an exit — a device, or an edge tier forwarding to the cloud — keeps every
 hand-off row by position and knows the next tier's frontier. `send` ships the rows the next tier
-has not seen (catch-up plus the current ones) with `start == frontier`, and repairs the two ways a
-session goes stale before giving up: a lost session is reopened and replayed from position 0, a
-moved frontier is adopted. `TierUnavailable` is left to the caller, who decides between going on
+has not seen (catch-up plus the current ones) with `start == frontier`, in requests of at most the
+session's `max_rows`, and repairs the two ways a session goes stale before giving up: a lost
+session is reopened and replayed from position 0, a moved frontier is adopted. `TierUnavailable` is left to the caller, who decides between going on
 alone and failing.
 """
 
@@ -14,7 +14,15 @@ import time
 
 import numpy as np
 
-from flow.tier import Continuation, FrontierMismatch, NextTier, SessionLost, TierSession, TierUnavailable
+from flow.tier import (
+    Continuation,
+    FrontierMismatch,
+    NextTier,
+    SessionLost,
+    TierError,
+    TierSession,
+    TierUnavailable,
+)
 
 
 class Escalation:
@@ -43,29 +51,53 @@ class Escalation:
             self.frontier, self.rollback = length, True
 
     def send(self, return_all: bool = False, top_k: int = 0) -> tuple[int, Continuation]:
-        """Ship rows frontier..fed-1; returns (their first position, the answer)."""
+        """Ship rows frontier..fed-1; returns (their first position, the answer).
+
+        With `return_all` the answer holds a token (and top-k) for every position from the first
+        one through fed-1, however many requests it took.
+        """
         began = time.perf_counter()
+        first, tokens, best, answer = None, {}, {}, None
         try:
-            for _ in range(3):  # a lost session or a moved frontier: repair, then retry at once
-                try:
-                    if self.session is None:
-                        self.session = self.tier.open(self.family_hash, self.from_exit, self.codec)
-                        self.frontier, self.rollback = self.session.frontier, False
-                    start = self.frontier
-                    answer = self.session.continue_(start, self.rows[start:self.fed], return_all,
-                                                    top_k, rollback=self.rollback)
-                    break
-                except SessionLost:
-                    self.session = None  # replay from position 0 on a new session
-                except FrontierMismatch as err:
-                    if err.frontier > self.fed:
-                        self.rollback = True  # it holds more than we know: discard the rest
-                    else:
-                        self.frontier = err.frontier
-            else:
-                raise TierUnavailable("the next tier kept refusing this session's positions")
+            while answer is None or self.frontier < self.fed:
+                start, answer = self._send_once(return_all, top_k)
+                if answer.frontier <= start:
+                    raise TierError(f"the next tier answered rows from {start} without moving its "
+                                    f"frontier ({answer.frontier})")
+                first = start if first is None else min(first, start)  # a replay starts over
+                if return_all:
+                    rows = range(start, answer.frontier)
+                    tokens.update(zip(rows, answer.tokens, strict=True))
+                    if answer.top_k:
+                        best.update(zip(rows, answer.top_k, strict=True))
         finally:
             self.seconds += time.perf_counter() - began
+        if return_all:
+            answer.tokens = [tokens[p] for p in range(first, self.fed)]
+            answer.top_k = [best[p] for p in range(first, self.fed)] if best else []
+        return first, answer
+
+    def _send_once(self, return_all: bool, top_k: int) -> tuple[int, Continuation]:
+        """One request: rows from the frontier, as many as the session takes at once."""
+        for _ in range(3):  # a lost session or a moved frontier: repair, then retry at once
+            try:
+                if self.session is None:
+                    self.session = self.tier.open(self.family_hash, self.from_exit, self.codec)
+                    self.frontier, self.rollback = self.session.frontier, False
+                start = self.frontier
+                end = min(self.fed, start + self.session.max_rows) if self.session.max_rows else self.fed
+                answer = self.session.continue_(start, self.rows[start:end], return_all, top_k,
+                                                rollback=self.rollback)
+                break
+            except SessionLost:
+                self.session = None  # replay from position 0 on a new session
+            except FrontierMismatch as err:
+                if err.frontier > self.fed:
+                    self.rollback = True  # it holds more than we know: discard the rest
+                else:
+                    self.frontier = err.frontier
+        else:
+            raise TierUnavailable("the next tier kept refusing this session's positions")
         self.frontier, self.rollback = answer.frontier, False
         self.round_trips += 1
         self.bytes_sent += answer.bytes_sent

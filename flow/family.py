@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Family:
         self.stop_tokens = tuple(stop_tokens)
         self.provenance = dict(provenance or {})
         self._tokenizer = None
+        self._hash: _RecordedHash | None = None  # see `family_hash`
         if tokenizer_json is not None:
             _check_tokenizer_fits(self.tokenizer, model.config)
 
@@ -135,20 +137,26 @@ class Family:
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Family:
-        """Load and verify a family directory (hash, tensor names and shapes)."""
+        """Load and verify a family directory (hash, tensor names and shapes).
+
+        The family keeps the hash it verified, so `family_hash()` costs nothing until the
+        weights change (converting them to another `dtype` is such a change).
+        """
         path = Path(path)
         manifest = artifact.read_manifest(path, verify=True)
         tensors = load_file(path / artifact.WEIGHTS_FILE, device=device)
         model = _model_from_tensors(manifest.config, tensors, path)
-        if dtype is not None:
-            model = model.to(dtype)
         tokenizer_json = None
         if manifest.tokenizer is not None:
             tokenizer_json = (path / artifact.TOKENIZER_FILE).read_text()
-        return cls(model, tokenizer_json=tokenizer_json,
-                   tokenizer_name=manifest.tokenizer.name if manifest.tokenizer else None,
-                   provenance=manifest.provenance,
-                   stop_tokens=manifest.tokenizer.stop_tokens if manifest.tokenizer else (EOS_TOKEN,))
+        family = cls(model, tokenizer_json=tokenizer_json,
+                     tokenizer_name=manifest.tokenizer.name if manifest.tokenizer else None,
+                     provenance=manifest.provenance,
+                     stop_tokens=manifest.tokenizer.stop_tokens if manifest.tokenizer else (EOS_TOKEN,))
+        family._record_hash(manifest.family_hash)  # the hash read_manifest verified
+        if dtype is not None:
+            model.to(dtype)  # in place; a conversion that changes the weights drops the record
+        return family
 
     # ---- the artifact -----------------------------------------------------------------------
 
@@ -170,7 +178,24 @@ class Family:
         return self._tokenizer
 
     def family_hash(self) -> str:
-        """SHA-256 of the weights (names, dtypes, shapes, bytes): what every tier compares."""
+        """SHA-256 of the weights (names, dtypes, shapes, bytes): what every tier compares.
+
+        Always the hash of the weights as they are now, computed at most once per state of
+        them: `load` records the hash it verified against family.json, `save` the one it wrote,
+        any other call the one it computes. A record holds while every tensor is the same
+        object, at the same address, with the same dtype, shape and torch version counter; the
+        counter counts in-place writes (an optimizer step, `copy_`, `load_state_dict`, an
+        indexed assignment under `no_grad`), and `.to()` or a replaced parameter changes the
+        object or address, so any of those makes the next call hash again. Writes that bypass
+        the counter, through `tensor.data` or a NumPy view of a tensor, are not seen: change
+        weights through torch operations on the parameters themselves.
+        """
+        if self._hash is None or not self._hash.matches(self.model):
+            self._record_hash(self._digest_weights())
+        return self._hash.value
+
+    def _digest_weights(self) -> str:
+        """The family hash of the tensors in memory, as `artifact.digest_safetensors` hashes a file."""
         entries = []
         for name, tensor in self.model.state_dict().items():
             tensor = tensor.detach().cpu().contiguous()
@@ -178,8 +203,15 @@ class Family:
                             tensor.reshape(-1).view(torch.uint8).numpy().data))
         return artifact.digest_tensors(entries)
 
+    def _record_hash(self, value: str) -> None:
+        """Remember `value` as the hash of the weights as they are now."""
+        self._hash = _RecordedHash(value, self.model)
+
     def save(self, path: str | Path, overwrite: bool = False) -> artifact.FamilyManifest:
-        """Write the family directory atomically; return the manifest written to family.json."""
+        """Write the family directory atomically; return the manifest written to family.json.
+
+        The hash of the written weights becomes the family's recorded hash (`family_hash`).
+        """
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
         with atomic_directory(path, overwrite=overwrite) as staging:
             weights_path = staging / artifact.WEIGHTS_FILE
@@ -195,6 +227,7 @@ class Family:
                 weights_dtype=str(self.dtype).removeprefix("torch."), tokenizer=tokenizer,
                 provenance=self.provenance)
             artifact.write_manifest(staging, manifest)
+        self._record_hash(manifest.family_hash)
         return manifest
 
     def export_hf(self, path: str | Path, exit: int, overwrite: bool = False) -> Path:
@@ -257,6 +290,35 @@ class Family:
         c = self.config
         return (f"Family(layers={c.num_layers}, hidden={c.hidden_size}, exits={list(c.exits)}, "
                 f"vocab={c.vocab_size}, dtype={self.dtype})")
+
+
+class _RecordedHash:
+    """A family hash and the state of the tensors it was computed from (see `Family.family_hash`).
+
+    Weak references, so that a replaced tensor is neither kept alive nor mistaken for a new one
+    that happens to reuse its id and address; a deep copy of the family shares them, so its own
+    tensors never match and it hashes them afresh.
+    """
+
+    def __init__(self, value: str, model: FamilyModel):
+        self.value = value
+        tensors = model.state_dict(keep_vars=True)
+        # Tensors made under torch.inference_mode have no version counter: such a record could
+        # not see a write, so it never matches and every call hashes.
+        self._tensors = None if any(t.is_inference() for t in tensors.values()) else [
+            (name, weakref.ref(tensor), *_tensor_state(tensor)) for name, tensor in tensors.items()]
+
+    def matches(self, model: FamilyModel) -> bool:
+        """Whether `model`'s tensors are still exactly the ones this hash was computed from."""
+        current = model.state_dict(keep_vars=True)
+        return self._tensors is not None and len(current) == len(self._tensors) and all(
+            name == now_name and ref() is tensor and tuple(state) == _tensor_state(tensor)
+            for (name, ref, *state), (now_name, tensor) in zip(self._tensors, current.items(), strict=True))
+
+
+def _tensor_state(tensor: Tensor) -> tuple:
+    # `_version` is the counter autograd uses to detect in-place writes: every one bumps it.
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)
 
 
 def _model_from_tensors(config: FamilyConfig, tensors: dict[str, Tensor], where: Path) -> FamilyModel:

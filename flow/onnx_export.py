@@ -1,28 +1,17 @@
 """Export family member k as one ONNX graph for devices (`flow export-onnx`).
 
-The graph is embedding + blocks 0..e_k + exit branch k, with the KV cache as explicit inputs and
-outputs under the names onnxruntime-genai / optimum use:
+The graph is embedding + blocks 0..e_k + exit branch k; its inputs, outputs, cache layouts,
+metadata and file names are the member format of `flow.member_format`. Rotary angles come from
+`position_ids`. How each cache layout is built:
 
-    in:  input_ids (B, T) int64, position_ids (B, T) int64, attention_mask (B, S) int64,
-         past_key_values.{i}.key|value (B, kv_heads, P, head_dim)
-    out: logits (B, T, vocab), handoff_hidden (B, T, hidden) = h_e,
-         present.{i}.key|value
+- `shared` (default wherever head_dim is a multiple of 8, as ORT's kernel needs): ONNX Runtime's
+  GroupQueryAttention (`flow.onnx_gqa`), which derives causality and padding from the valid
+  lengths and writes the new rows into the bound buffer, so a decode step copies nothing else.
+  The layout onnxruntime-genai uses.
+- `concat`: opset 23 `Attention`, present = past + new (one copy of the past per call); the
+  mask is built in the graph from `attention_mask` and causality (a KV cache makes `is_causal`
+  wrong).
 
-Cache index i runs over the member's layers as a standalone model: blocks 0..e_k, then the
-exit block as e_k + 1 (its cache is its own, not block e_k + 1's). Rotary angles come from
-`position_ids`. Two cache layouts (`kv_cache` in the metadata):
-
-- `shared` (default wherever head_dim is a multiple of 8, as ORT's kernel needs): ONNX Runtime's GroupQueryAttention (`flow.onnx_gqa`). P is a fixed buffer
-  of slots, present has the same shape, and a runtime binds both to the same memory, so a decode
-  step writes only its own rows. Slot = position: rows are right-padded, `attention_mask` (B, S)
-  marks each row's valid slots after this call (S = longest row), and a rollback is free.
-  ORT-specific (a contrib op), the layout onnxruntime-genai uses.
-- `concat`: standard ONNX only (opset 23 `Attention`), for any runtime. P is the past length,
-  present = past + new (one copy of the past per call); `attention_mask` (B, P+T) allows left
-  padding, and the mask is built in the graph from it and causality (a KV cache makes
-  `is_causal` wrong).
-
-The family hash, exit, layers, dimensions and the cache layout go into the model's metadata.
 A member whose head equals the embedding (a tied checkpoint whose exit heads were not trained)
 is written with one tensor for both, as the checkpoint had it.
 """
@@ -30,34 +19,35 @@ is written with one tensor for both, as the checkpoint had it.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from flow.artifact import MEMBER_FORMAT, MEMBER_FORMAT_VERSION
+from flow import member_format
+from flow.member_format import AUTO, CONCAT, KV_CACHE_CHOICES, KV_CACHE_LAYOUTS, SHARED, MemberInfo
 from flow.model import FamilyCache, FamilyModel
 from flow.onnx_gqa import group_query_attention
 from flow.quiet import quiet
 
 OPSET = 23
-KV_CACHE_LAYOUTS = ("shared", "concat")
 
 
-def choose_kv_cache(config, requested: str = "auto") -> str:
+def choose_kv_cache(config, requested: str = AUTO) -> str:
     """The cache layout to export: `auto` is `shared` wherever ORT's kernel supports the shape."""
     from flow.errors import ConfigError
 
     supported = config.head_dim % 8 == 0  # ORT's GroupQueryAttention kernels require it
-    if requested == "auto":
-        return "shared" if supported else "concat"
+    if requested == AUTO:
+        return SHARED if supported else CONCAT
     if requested not in KV_CACHE_LAYOUTS:
-        raise ConfigError(f"unknown KV cache layout {requested!r}; choose auto, shared or concat")
-    if requested == "shared" and not supported:
+        raise ConfigError(f"unknown KV cache layout {requested!r}; choose one of "
+                          f"{', '.join(KV_CACHE_CHOICES)}")
+    if requested == SHARED and not supported:
         raise ConfigError(f"the shared KV cache layout (ORT GroupQueryAttention) needs head_dim to be "
                           f"a multiple of 8, this family has {config.head_dim}; export with "
-                          f"--kv-cache concat")
+                          f"--kv-cache {CONCAT}")
     return requested
 
 
@@ -115,7 +105,7 @@ def padded_causal_mask(attention_mask: Tensor, num_new: int) -> Tensor:
 class DeviceMember(nn.Module):
     """Member `exit` of a family with its KV cache as explicit inputs and outputs."""
 
-    def __init__(self, model: FamilyModel, exit: int, kv_cache: str = "shared"):
+    def __init__(self, model: FamilyModel, exit: int, kv_cache: str = SHARED):
         super().__init__()
         if kv_cache not in KV_CACHE_LAYOUTS:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}, got {kv_cache!r}")
@@ -128,9 +118,10 @@ class DeviceMember(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 *past_key_values: Tensor) -> tuple[Tensor, ...]:
+        # key then value for each layer, in layer order (`member_format.cache_names`)
         pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1])
                  for i in range(self.num_cache_layers)]
-        if self.kv_cache == "shared":
+        if self.kv_cache == SHARED:
             seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)
             total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
             heads = self.model.config.num_heads
@@ -148,21 +139,12 @@ class DeviceMember(nn.Module):
         return (logits, handoff, *presents)
 
 
-def input_names(num_cache_layers: int) -> list[str]:
-    return ["input_ids", "position_ids", "attention_mask"] + [
-        f"past_key_values.{i}.{kind}" for i in range(num_cache_layers) for kind in ("key", "value")]
-
-
-def output_names(num_cache_layers: int) -> list[str]:
-    return ["logits", "handoff_hidden"] + [
-        f"present.{i}.{kind}" for i in range(num_cache_layers) for kind in ("key", "value")]
-
-
-def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -> Path:
+def export_member(family, exit: int, path: Path | str, kv_cache: str = AUTO) -> Path:
     """Write member `exit` of `family` (a `flow.Family`) as an ONNX file at `path`, atomically.
 
     `kv_cache` is the cache layout: "shared" (ORT GroupQueryAttention, copy-free decode),
     "concat" (standard ONNX ops only; see the module docstring) or "auto" (shared if possible).
+    The metadata carries `family.family_hash()`, which a family loaded or saved already holds.
     """
     import onnx
 
@@ -182,7 +164,7 @@ def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -
     member = DeviceMember(model, exit, kv_cache).eval()
     n = member.num_cache_layers
     batch, seq, past = 2, 3, 4
-    cache_len = past if kv_cache == "concat" else past + seq + 1  # a buffer has spare slots
+    cache_len = past if kv_cache == CONCAT else past + seq + 1  # a buffer has spare slots
     kv_shape = (batch, config.num_kv_heads, cache_len, config.head_dim)
     example = (torch.zeros(batch, seq, dtype=torch.long),
                torch.arange(past, past + seq).expand(batch, seq).contiguous(),
@@ -193,20 +175,18 @@ def export_member(family, exit: int, path: Path | str, kv_cache: str = "auto") -
     dynamic = ({0: b, 1: t}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(2 * n)))
     with torch.no_grad(), quiet("torch", "onnxscript"):
         program = torch.onnx.export(member, example, dynamo=True, opset_version=OPSET,
-                                    dynamic_shapes=dynamic, input_names=input_names(n),
-                                    output_names=output_names(n), verbose=False,
+                                    dynamic_shapes=dynamic,
+                                    input_names=member_format.input_names(n),
+                                    output_names=member_format.output_names(n), verbose=False,
                                     custom_translation_table=translation_table())
     proto = program.model_proto
-    metadata = {
-        "format": MEMBER_FORMAT, "format_version": MEMBER_FORMAT_VERSION, "weights": "float32",
-        "family_hash": family.family_hash(),
-        "exit": str(exit), "exit_layer": str(member.exit_layer), "num_cache_layers": str(n),
-        "hidden_size": str(config.hidden_size), "num_kv_heads": str(config.num_kv_heads),
-        "head_dim": str(config.head_dim), "vocab_size": str(config.vocab_size),
-        "max_seq_len": str(config.max_seq_len), "kv_cache": kv_cache,
-    }
+    info = MemberInfo(
+        weights=member_format.FLOAT32_WEIGHTS, family_hash=family.family_hash(), exit=exit,
+        exit_layer=member.exit_layer, num_cache_layers=n, hidden_size=config.hidden_size,
+        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, vocab_size=config.vocab_size,
+        max_seq_len=config.max_seq_len, kv_cache=kv_cache)
     del proto.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in info.to_metadata().items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
@@ -232,16 +212,21 @@ def quantize_member(fp32_path: Path | str, int8_path: Path | str) -> Path:
             quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul"])
         proto = onnx.load(tmp)
-        for prop in proto.metadata_props:
-            if prop.key == "weights":
-                prop.value = "int8"
+        info = MemberInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, fp32_path)
+        metadata = replace(info, weights=member_format.INT8_WEIGHTS).to_metadata()
+        for prop in proto.metadata_props:  # in place: keys the quantizer added stay
+            prop.value = metadata.get(prop.key, prop.value)
         onnx.save(proto, tmp)
     return int8_path
 
 
 def export_family_members(family_dir: Path | str, exits: list[int] | None = None,
-                          int8: bool = False, kv_cache: str = "auto") -> list[Path]:
-    """Write members/<k>/device.onnx (and device.int8.onnx) into a family directory."""
+                          int8: bool = False, kv_cache: str = AUTO) -> list[Path]:
+    """Write members/<k>/device.onnx (and device.int8.onnx) into a family directory.
+
+    The weights are hashed once, when the family is loaded and verified; each member's metadata
+    carries that hash.
+    """
     from flow.artifact import member_path
     from flow.family import Family
 

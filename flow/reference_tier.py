@@ -3,8 +3,7 @@
 `ReferenceTier(family)` implements `flow.tier.NextTier` with `flow`'s own model on the blocks after
 the device's exit, one KV cache per session, the same frontier rules and the same codecs as the
 wire. Tests use it as the cloud the device SDK talks to, and `flow generate --cloud local` runs
-against it. Two seams let tests play outages: `reachable = False` makes every call raise
-`TierUnavailable`, and `drop_sessions()` forgets every session as a restart would.
+against it.
 """
 
 from __future__ import annotations
@@ -20,12 +19,13 @@ from flow.errors import HashMismatchError
 from flow.sampling import Sampler
 from flow.tier import (
     Continuation,
-    FrontierMismatch,
+    InvalidRequest,
     SamplingParams,
     SessionLost,
-    TierError,
-    TierUnavailable,
     TopK,
+    check_start,
+    first_block_after,
+    rolled_back,
 )
 
 
@@ -43,34 +43,19 @@ class ReferenceTier:
         self.family = family
         self.family_hash = family.family_hash()
         self.name = name
-        self.reachable = True
         self._sessions: dict[str, _Session] = {}
         self._ids = itertools.count()
-
-    # ---- test seams -------------------------------------------------------------------------
-
-    def drop_sessions(self) -> None:
-        """Forget every session, as a restarted tier would."""
-        self._sessions.clear()
-
-    def _check_reachable(self) -> None:
-        if not self.reachable:
-            raise TierUnavailable(f"{self.name} tier is unreachable")
 
     # ---- NextTier ---------------------------------------------------------------------------
 
     def open(self, family_hash: str, from_exit: int, codec: str = "fp32") -> ReferenceSession:
-        self._check_reachable()
         config = self.family.config
         if family_hash != self.family_hash:
             raise HashMismatchError(f"the {self.name} tier serves family {self.family_hash[:16]}…, "
                                     f"not {family_hash[:16]}…; deploy the same family on both tiers")
-        if not 0 <= from_exit < config.last_exit:
-            raise TierError(f"exit {from_exit} has nothing after it to continue: this family's "
-                            f"exits are 0..{config.last_exit} and the last is the full model")
+        first = first_block_after(config, from_exit)
         if codec not in CODECS:
-            raise TierError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-        first = config.exits[from_exit] + 1
+            raise InvalidRequest(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
         cache = self.family.model.new_cache(1, layers=range(first, config.num_layers), exits=[])
         session_id = f"s{next(self._ids)}"
         self._sessions[session_id] = _Session(first, cache)
@@ -81,7 +66,6 @@ class ReferenceTier:
                  family_hash: str = "") -> Iterator[int]:
         import torch
 
-        self._check_reachable()
         if family_hash and family_hash != self.family_hash:
             raise HashMismatchError(f"the {self.name} tier serves family {self.family_hash[:16]}…, "
                                     f"not {family_hash[:16]}…")
@@ -106,7 +90,6 @@ class ReferenceTier:
     # ---- what sessions call -----------------------------------------------------------------
 
     def _session(self, session_id: str) -> _Session:
-        self._check_reachable()
         if session_id not in self._sessions:
             raise SessionLost(f"the {self.name} tier has no session {session_id} (restarted or "
                               f"evicted); open a new session and replay from position 0")
@@ -117,15 +100,8 @@ class ReferenceTier:
         import torch
 
         session = self._session(session_id)
-        if start > session.frontier or (start != session.frontier and not rollback):
-            raise FrontierMismatch(f"start {start} is not the session's frontier "
-                                   f"{session.frontier}", session.frontier)
-        if len(rows) == 0:
-            raise TierError("a continue request needs at least one hand-off row")
         config = self.family.config
-        if start + len(rows) > config.max_seq_len:
-            raise TierError(f"positions up to {start + len(rows) - 1} exceed the context of "
-                            f"{config.max_seq_len}")
+        start = check_start(session.frontier, start, len(rows), rollback, config.max_seq_len)
         payload = encode(rows, codec)  # what would travel: count it, and apply the codec's loss
         hidden = torch.from_numpy(decode(payload)).to(self.family.dtype)[None]
         positions = torch.arange(start, start + len(rows))
@@ -149,6 +125,8 @@ class ReferenceTier:
 class ReferenceSession:
     """A `flow.tier.TierSession` on a `ReferenceTier`."""
 
+    max_rows = 0  # no limit
+
     def __init__(self, tier: ReferenceTier, session_id: str, codec: str):
         self.tier, self.session_id, self.codec = tier, session_id, codec
 
@@ -163,7 +141,7 @@ class ReferenceSession:
 
     def rollback(self, position: int) -> int:
         session = self.tier._session(self.session_id)
-        session.frontier = min(session.frontier, max(0, position))
+        session.frontier = rolled_back(session.frontier, position)
         return session.frontier
 
     def close(self) -> None:

@@ -15,19 +15,38 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from flow.errors import FlowError
 
+# The ways a device uses its next tier (DESIGN.md §4): its member alone; the tier settles the
+# tokens the member is unsure of; the tier verifies runs of the member's drafts; the tier
+# generates from token ids.
+MODES = ("local", "exit", "speculative", "cloud")
+
+
+# ---- the protocol's errors -----------------------------------------------------------------
+# Each travels as one gRPC status code (`flow.status` holds the table); a caller handles the
+# in-process reference tier, a gRPC tier and an engine worker alike.
+
 
 class TierError(FlowError):
-    """The next tier refused a request; the message says why and what to change."""
+    """The next tier refused or could not finish a request; the message says why."""
+
+
+class InvalidRequest(TierError):
+    """A malformed request: shapes, sizes, non-finite values, positions, exits, codecs."""
 
 
 class TierUnavailable(TierError):
-    """The next tier cannot be reached (network, restart, dead worker); retrying later may work."""
+    """The next tier cannot serve now (network, restart, dead worker); retrying later may work."""
+
+
+class Exhausted(TierUnavailable):
+    """Over a capacity limit (no free or evictable KV slot, too many rows): back off, go on
+    locally, retry later."""
 
 
 class SessionLost(TierError):
@@ -42,12 +61,76 @@ class FrontierMismatch(TierError):
         self.frontier = frontier
 
 
+# ---- the session rules, for every implementation of a next tier ------------------------------
+
+
+def integer(value: Any, what: str) -> int:
+    """`value` as an int; `InvalidRequest` for anything else (bools and floats included)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidRequest(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def first_block_after(config, from_exit: int) -> int:
+    """The first backbone block a session continuing after member `from_exit` runs.
+
+    `InvalidRequest` unless `from_exit` is a member with blocks after it: the last exit is the
+    full model, and nothing continues it.
+    """
+    from_exit = integer(from_exit, "from_exit")
+    if not 0 <= from_exit < config.last_exit:
+        raise InvalidRequest(f"exit {from_exit} has nothing after it to continue: this family's "
+                             f"exits are 0..{config.last_exit} and the last is the full model")
+    return config.exits[from_exit] + 1
+
+
+def check_start(frontier: int, start: int, rows: int, rollback: bool, context: int) -> int:
+    """Where `rows` hand-off rows at `start` may go in a session standing at `frontier`.
+
+    `start` must be the frontier, or, with `rollback`, any earlier position (the session first
+    discards what lies at and after it); `FrontierMismatch` carries the frontier to resend from.
+    The rows must fit in the session's `context` positions.
+    """
+    start = integer(start, "start")
+    if start < 0:
+        raise InvalidRequest(f"start must be >= 0, got {start}")
+    if start > frontier or (start != frontier and not rollback):
+        hint = " (a rollback can only go back)" if rollback else ""
+        raise FrontierMismatch(f"start {start} is not the session's frontier {frontier}; send "
+                               f"the rows from position {frontier}{hint}", frontier)
+    if rows < 1:
+        raise InvalidRequest("a continue request needs at least one hand-off row")
+    if start + rows > context:
+        raise InvalidRequest(f"positions {start}..{start + rows - 1} run past this tier's "
+                             f"context of {context} positions per session")
+    return start
+
+
+def rolled_back(frontier: int, position: int) -> int:
+    """The frontier after a rollback to `position`: it never moves forward, nor below 0."""
+    return min(frontier, max(0, integer(position, "position")))
+
+
+# ---- what travels -------------------------------------------------------------------------
+# Each type converts itself to and from its `flow.v1` message (protobuf is imported only then,
+# so the in-process tier needs none).
+
+
 @dataclass
 class TopK:
     """The k most likely next tokens at one row and their logits, most likely first."""
 
     ids: list[int]
     logits: list[float]
+
+    def to_pb(self):
+        from flow.v1 import tier_pb2
+
+        return tier_pb2.TopK(ids=self.ids, logits=self.logits)
+
+    @classmethod
+    def from_pb(cls, message) -> TopK:
+        return cls(list(message.ids), list(message.logits))
 
 
 @dataclass
@@ -56,7 +139,9 @@ class Continuation:
 
     tokens: list[int]  # greedy next token per returned row (the last row, or every row)
     frontier: int  # the session's frontier after the request
-    tier: str  # name of the tier that settled the tokens ("cloud", "edge", ...)
+    # The tier that settled the tokens ("cloud", "edge", ...); "" until the server that answers
+    # stamps its own name (an edge passes on the name of the tier it forwarded to).
+    tier: str = ""
     top_k: list[TopK] = field(default_factory=list)  # per returned row, when asked for
     bytes_sent: int = 0  # request payload bytes (hand-off rows as encoded)
     bytes_received: int = 0
@@ -64,6 +149,19 @@ class Continuation:
     # and its exit's confidence at each returned row.
     handoff: np.ndarray | None = None
     scores: list[float] = field(default_factory=list)
+
+    def to_pb(self, tier: str = ""):
+        """The `ContinueResponse`, naming `tier` unless a tier's name is already stamped."""
+        from flow.v1 import tier_pb2
+
+        return tier_pb2.ContinueResponse(tokens=self.tokens, frontier=self.frontier,
+                                         tier=self.tier or tier,
+                                         top_k=[best.to_pb() for best in self.top_k])
+
+    @classmethod
+    def from_pb(cls, message, bytes_sent: int = 0) -> Continuation:
+        return cls(list(message.tokens), int(message.frontier), message.tier,
+                   [TopK.from_pb(best) for best in message.top_k], bytes_sent, message.ByteSize())
 
 
 @dataclass
@@ -75,12 +173,25 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
 
+    def to_pb(self):
+        from flow.v1 import tier_pb2
+
+        return tier_pb2.Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                 seed=self.seed)
+
+    @classmethod
+    def from_pb(cls, message) -> SamplingParams:
+        """An unset `top_p` (0 on the wire) is 1.0: no nucleus cut."""
+        return cls(message.temperature, message.top_k, message.top_p or 1.0,
+                   message.seed if message.HasField("seed") else None)
+
 
 class TierSession(Protocol):
     """One sequence's state on the next tier."""
 
     session_id: str
     frontier: int
+    max_rows: int  # the most hand-off rows one `continue_` may carry; 0 = no limit
 
     def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
                   rollback: bool = False) -> Continuation:

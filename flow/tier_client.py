@@ -1,14 +1,11 @@
 """The gRPC client of a tier: `flow.tier.NextTier` over the `flow.v1.Tier` service.
 
 A device (`DeviceClient(cloud="host:port")`) and an edge forwarding to the cloud use the same
-client. gRPC status codes become the errors of `flow.tier`, so callers handle a network tier and
-the in-process reference tier alike:
-
-    UNAVAILABLE, DEADLINE_EXCEEDED, connection failures -> TierUnavailable (go offline, retry)
-    NOT_FOUND                                          -> SessionLost (reopen, replay from 0)
-    FAILED_PRECONDITION + flow-frontier                -> FrontierMismatch
-    INVALID_ARGUMENT + flow-error=family-hash          -> HashMismatchError
-    anything else                                      -> TierError with the server's message
+client. A refused call becomes the error of `flow.tier` it stands for (`flow.status`), so callers
+handle a network tier and the in-process reference tier alike: `TierUnavailable` (connection
+failures, deadlines, UNAVAILABLE, and `Exhausted` for RESOURCE_EXHAUSTED: go on locally, retry
+later), `SessionLost` (reopen, replay from 0), `FrontierMismatch`, `HashMismatchError`,
+`InvalidRequest`, else `TierError` with the server's message.
 """
 
 from __future__ import annotations
@@ -18,36 +15,15 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from flow.errors import HashMismatchError
-from flow.tier import (
-    Continuation,
-    FrontierMismatch,
-    SamplingParams,
-    SessionLost,
-    TierError,
-    TierUnavailable,
-    TopK,
-)
+from flow.status import error_of
+from flow.tier import Continuation, SamplingParams, TierError
 from flow.v1 import tier_pb2, tier_pb2_grpc
-from flow.wire import CODEC_TO_PROTO, ERROR_KIND_KEY, FRONTIER_KEY, rows_to_tensor
-
-_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+from flow.wire import CODEC_TO_PROTO, rows_to_tensor
 
 
 def translate(err: grpc.RpcError) -> Exception:
     """The `flow.tier` error for a failed call."""
-    code, message = err.code(), err.details() or ""
-    trailers = dict(err.trailing_metadata() or ())
-    if code in _UNAVAILABLE:
-        return TierUnavailable(f"next tier unavailable ({code.name}): {message}")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return SessionLost(message)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and FRONTIER_KEY in trailers:
-        return FrontierMismatch(message, int(trailers[FRONTIER_KEY]))
-    if trailers.get(ERROR_KIND_KEY) == "family-hash":
-        return HashMismatchError(message)
-    return TierError(f"{code.name}: {message}")
+    return error_of(err.code().name, err.details() or "", err.trailing_metadata())
 
 
 class GrpcTier:
@@ -86,17 +62,14 @@ class GrpcTier:
         answer = self._call(self.stub.OpenSession, tier_pb2.OpenSessionRequest(
             family_hash=family_hash, from_exit=from_exit, codec=CODEC_TO_PROTO[codec]))
         self.name = answer.tier or self.name
-        return GrpcSession(self, answer.session_id, int(answer.frontier), codec)
+        return GrpcSession(self, answer.session_id, int(answer.frontier), codec, int(answer.max_rows))
 
     def generate(self, token_ids: list[int], max_new_tokens: int,
                  sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = (),
                  family_hash: str = "") -> Iterator[int]:
-        sampling = sampling or SamplingParams()
         request = tier_pb2.GenerateRequest(
             family_hash=family_hash, token_ids=token_ids, max_new_tokens=max_new_tokens,
-            stop_ids=list(stop_ids),
-            sampling=tier_pb2.Sampling(temperature=sampling.temperature, top_k=sampling.top_k,
-                                       top_p=sampling.top_p, seed=sampling.seed))
+            stop_ids=list(stop_ids), sampling=(sampling or SamplingParams()).to_pb())
         try:
             for message in self.stub.Generate(request, timeout=self.timeout * max(1, max_new_tokens),
                                               metadata=self._metadata):
@@ -111,8 +84,9 @@ class GrpcTier:
 class GrpcSession:
     """A `flow.tier.TierSession` held by a `GrpcTier`."""
 
-    def __init__(self, tier: GrpcTier, session_id: str, frontier: int, codec: str):
+    def __init__(self, tier: GrpcTier, session_id: str, frontier: int, codec: str, max_rows: int = 0):
         self.tier, self.session_id, self.frontier, self.codec = tier, session_id, frontier, codec
+        self.max_rows = max_rows  # what the server accepts per request (0: it did not say)
 
     def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
                   rollback: bool = False) -> Continuation:
@@ -120,12 +94,11 @@ class GrpcSession:
         request = tier_pb2.ContinueRequest(
             session_id=self.session_id, start=start, hidden=tensor, top_k=top_k, rollback=rollback,
             returns=tier_pb2.RETURNS_ALL if return_all else tier_pb2.RETURNS_LAST)
-        answer = self.tier._call(self.tier.stub.Continue, request)
-        self.frontier = int(answer.frontier)
-        return Continuation(
-            tokens=list(answer.tokens), frontier=self.frontier, tier=answer.tier or self.tier.name,
-            top_k=[TopK(list(t.ids), list(t.logits)) for t in answer.top_k],
-            bytes_sent=request.ByteSize(), bytes_received=answer.ByteSize())
+        answer = Continuation.from_pb(self.tier._call(self.tier.stub.Continue, request),
+                                      bytes_sent=request.ByteSize())
+        answer.tier = answer.tier or self.tier.name
+        self.frontier = answer.frontier
+        return answer
 
     def rollback(self, position: int) -> int:
         answer = self.tier._call(self.tier.stub.Rollback, tier_pb2.RollbackRequest(

@@ -1,7 +1,7 @@
 """Between `flow.codecs` and the generated protobuf messages of `flow.v1` (needs protobuf only).
 
 Both tiers use it: the device's client encodes hand-off rows into a `Tensor`, the service decodes
-them back, and both agree on how errors travel (status code + trailing metadata).
+them back (how errors travel is `flow.status`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ from flow.v1 import tier_pb2
 CODEC_TO_PROTO = {"fp32": tier_pb2.CODEC_FP32, "fp16": tier_pb2.CODEC_FP16,
                   "bf16": tier_pb2.CODEC_BF16, "int8": tier_pb2.CODEC_INT8}
 PROTO_TO_CODEC = {v: k for k, v in CODEC_TO_PROTO.items()} | {tier_pb2.CODEC_UNSPECIFIED: "fp32"}
-
-# Trailing-metadata keys that carry what a status code alone cannot.
-FRONTIER_KEY = "flow-frontier"  # FAILED_PRECONDITION: the session's frontier
-ERROR_KIND_KEY = "flow-error"  # which rule failed, e.g. "family-hash"
 
 
 def codec_name(value: int) -> str:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from flow.member_format import AUTO, KV_CACHE_CHOICES
 from flow.pretrained import PRETRAINED
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -83,7 +84,7 @@ def register_export_onnx(subcommands: argparse._SubParsersAction) -> None:
                              help="member to export (repeatable; default all)")
     export_onnx.add_argument("--int8", action="store_true",
                              help="also write device.int8.onnx (dynamic int8 MatMuls, per channel)")
-    export_onnx.add_argument("--kv-cache", choices=("auto", "shared", "concat"), default="auto",
+    export_onnx.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=AUTO,
                              help="KV cache layout: 'shared' = ONNX Runtime GroupQueryAttention on a "
                                   "buffer bound as both past and present (no copy per token; needs "
                                   "head_dim %% 8 == 0); 'concat' = standard ONNX ops only, for other "

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from builders import sharpen_heads, tiny_config
-from cloud.engine import Engine, EngineError, EngineLimits, Exhausted, InvalidRequest
+from cloud.engine import Engine, EngineLimits
 from flow import Family
 from flow.reference_tier import ReferenceTier
-from flow.tier import FrontierMismatch, SamplingParams, SessionLost
+from flow.tier import Exhausted, FrontierMismatch, InvalidRequest, SamplingParams, SessionLost, TierError
 from greedy import NEAR_TIE, check_same_greedy, greedy
 
 LAST = 2  # tiny_config's exits are after layers 1, 2, 4: exit 2 is the full model
@@ -67,7 +67,7 @@ def test_one_session_catch_up_then_single_rows(family, exit):
     session, frontier = engine.open_session("alice", exit)
     assert frontier == 0
     got = answer(engine, session, "alice", 0, h[:12], return_all=True, top_k=3)
-    assert got.frontier == 12 and got.tier == "cloud" and len(got.tokens) == len(got.top_k) == 12
+    assert got.frontier == 12 and got.tier == "" and len(got.tokens) == len(got.top_k) == 12
     assert [t.ids[0] for t in got.top_k] == got.tokens
     torch.testing.assert_close(torch.tensor([t.logits for t in got.top_k]),
                                expected[:12].topk(3).values, rtol=0, atol=1e-4)
@@ -448,7 +448,7 @@ def test_cancel_frees_the_slot(family):
     engine.step()
     assert len(streamed) == 2 and engine.stats()["free_slots"] == 1
     engine.cancel(generation)
-    assert generation.done and isinstance(generation.error, EngineError) and finished == [generation]
+    assert generation.done and isinstance(generation.error, TierError) and finished == [generation]
     assert engine.stats()["free_slots"] == 2 and not engine.has_work()
     engine.cancel(generation)  # no-op once done
     # A cancelled continue leaves its session idle at its old frontier.

@@ -11,7 +11,7 @@ from cloud.server import ServerConfig
 from cloud.service import ServerThread, TierSpec
 from device import DeviceClient
 from device.client import CloudRequiredError
-from flow.tier import TierUnavailable
+from faulty_tier import FaultyTier
 from flow.tier_client import GrpcTier
 from greedy import greedy
 from runs import free_port, start_flow_serve
@@ -80,43 +80,6 @@ def test_require_cloud_fails_fast_against_a_dead_tier_and_cloud_mode_falls_back(
     assert result.offline == [True] * 5 and result.tokens == greedy(family, 0, PROMPT, 5)
 
 
-class AnswerLost:
-    """A `NextTier` wrapper (a test double at the tier seam): after `lose_next_answer()`, the
-    next `continue_` reaches the real tier, which runs it, but its answer is lost on the way back
-    (`TierUnavailable`), as when a link drops between the server's reply and the device."""
-
-    def __init__(self, tier):
-        self.tier, self.name, self._lose = tier, tier.name, False
-
-    def lose_next_answer(self) -> None:
-        self._lose = True
-
-    def open(self, *args, **kwargs):
-        return _LossySession(self, self.tier.open(*args, **kwargs))
-
-    def generate(self, *args, **kwargs):
-        return self.tier.generate(*args, **kwargs)
-
-
-class _LossySession:
-    def __init__(self, wrapper: AnswerLost, session):
-        self.wrapper, self.session = wrapper, session
-        self.session_id, self.frontier = session.session_id, session.frontier
-
-    def continue_(self, *args, **kwargs):
-        answer = self.session.continue_(*args, **kwargs)
-        if self.wrapper._lose:
-            self.wrapper._lose = False
-            raise TierUnavailable("the answer was lost on its way back")
-        return answer
-
-    def rollback(self, position: int) -> int:
-        return self.session.rollback(position)
-
-    def close(self) -> None:
-        self.session.close()
-
-
 def test_an_answer_lost_after_the_tier_ran_it_costs_one_offline_token(device_family):
     """Catches: a device that does not adopt the frontier the tier reports (FAILED_PRECONDITION
     with `flow-frontier`) when the tier holds positions whose answer never arrived — it would
@@ -127,7 +90,7 @@ def test_an_answer_lost_after_the_tier_ran_it_costs_one_offline_token(device_fam
     with the tier's frontier, and is resent from there."""
     family_dir, family = device_family
     with ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0)), family) as address:
-        tier = AnswerLost(GrpcTier(address))
+        tier = FaultyTier(GrpcTier(address))
         client = DeviceClient(family_dir, exit=0, cloud=tier, mode="exit", threshold=1.5,
                               retry_interval=0.0)
         steps = []

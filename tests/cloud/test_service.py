@@ -15,10 +15,12 @@ from cloud.engine import EngineLimits
 from cloud.server import ServerConfig
 from cloud.service import ServerThread, TierSpec
 from device import DeviceClient
-from flow.tier import TierUnavailable
+from flow.errors import HashMismatchError
+from flow.status import FRONTIER_KEY
+from flow.tier import Exhausted, FrontierMismatch, InvalidRequest, SessionLost, TierUnavailable
 from flow.tier_client import GrpcTier
 from flow.v1 import tier_pb2, tier_pb2_grpc
-from flow.wire import FRONTIER_KEY, rows_to_tensor
+from flow.wire import rows_to_tensor
 from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative, greedy
 from runs import start_flow_serve
 
@@ -98,6 +100,60 @@ def test_exit_mode_from_a_deeper_member_through_the_service(device_family, serve
                           threshold=1.5)
     result = client.complete(PROMPTS[0], max_new_tokens=10, ignore_eos=True)
     assert result.tokens == greedy(family, 2, PROMPTS[0], 10)
+
+
+@pytest.fixture(scope="module")
+def narrow_server(device_family):
+    """A served family that takes at most 3 hand-off rows per request."""
+    family_dir, family = device_family
+    spec = TierSpec(family_dir, 0, EngineLimits(max_sessions=4, max_rows_per_request=3),
+                    ServerConfig(port=0))
+    with ServerThread(spec, family) as address:
+        yield address
+
+
+def test_the_client_reads_every_refusal_as_its_protocol_error(device_family, narrow_server):
+    """Catches: RESOURCE_EXHAUSTED reaching the SDK as a bare `TierError` (a device would fail
+    instead of backing off and going on locally), or any status read back as the wrong error."""
+    family = device_family[1]
+    tier = GrpcTier(narrow_server)
+    session = tier.open(family.family_hash(), 0)
+    assert session.max_rows == 3
+    rows = family.handoff(PROMPTS[2], exit=0)[0].numpy()
+    with pytest.raises(Exhausted, match="3 per request"):
+        session.continue_(0, rows[:4])
+    assert issubclass(Exhausted, TierUnavailable)
+    with pytest.raises(FrontierMismatch) as caught:
+        session.continue_(2, rows[:1])
+    assert caught.value.frontier == 0
+    with pytest.raises(InvalidRequest, match="hidden size"):
+        session.continue_(0, rows[:1, :5])
+    with pytest.raises(HashMismatchError):
+        tier.open("0" * 64, 0)
+    with pytest.raises(InvalidRequest, match="nothing after it"):
+        tier.open(family.family_hash(), family.config.last_exit)
+    session.continue_(0, rows[:3])
+    session.close()
+    with pytest.raises(SessionLost):
+        session.continue_(3, rows[3:4])
+    tier.close()
+
+
+@pytest.mark.parametrize("mode, options", [("exit", {"threshold": 1.5}),
+                                           ("speculative", {"draft_tokens": 5})])
+def test_rows_beyond_what_the_tier_takes_go_in_several_requests(device_family, narrow_server,
+                                                                 mode, options):
+    """Catches: an escalation that sends more rows than the session's `max_rows` (every prompt
+    longer than the limit would be refused, and the device would go offline), and verification
+    answers from several requests put together at the wrong positions."""
+    family_dir, family = device_family
+    client = DeviceClient(family_dir, exit=0, cloud=narrow_server, mode=mode, **options)
+    prompt = PROMPTS[2]  # 8 tokens: requests of 3, 3 and 2 rows
+    result = client.complete(prompt, max_new_tokens=6, ignore_eos=True)
+    assert not any(result.offline)
+    assert check_same_greedy(family, 2, prompt, result.tokens, 6) == []
+    if mode == "exit":
+        assert result.round_trips == 3 + 5  # the prompt in 3 requests, then one per token
 
 
 def bad_requests(family, session_id, hidden):

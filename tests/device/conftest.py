@@ -2,9 +2,11 @@
 
 import pytest
 
+from faulty_tier import FaultyTier
 from flow.reference_tier import ReferenceTier
 
 
 @pytest.fixture
-def tier(device_family) -> ReferenceTier:
-    return ReferenceTier(device_family[1])
+def tier(device_family) -> FaultyTier:
+    """The reference model as the next tier, with faults to switch on."""
+    return FaultyTier(ReferenceTier(device_family[1]))

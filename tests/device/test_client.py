@@ -9,6 +9,7 @@ from device import DeviceClient
 from device.client import CloudRequiredError
 from flow.errors import ConfigError
 from flow.reference_tier import ReferenceTier
+from flow.tier import Exhausted
 from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative, greedy
 
 PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [64, 64, 64],
@@ -148,6 +149,22 @@ def test_outage_keeps_generating_offline_then_catches_up_exactly(device_family, 
         assert step.tier == ("device" if step.offline else "cloud")
 
 
+def test_a_tier_at_capacity_is_an_outage_not_an_error(device_family, tier):
+    """Catches: `Exhausted` (RESOURCE_EXHAUSTED: every KV slot busy) failing the generation
+    instead of the device going on with its own token and retrying, and a catch-up after it that
+    is not exact."""
+    family = device_family[1]
+    prompt = PROMPTS[0]
+    c = client(device_family, tier, mode="exit", threshold=1.5)
+    tier.refuse_with(Exhausted("all 4 KV slots are held by requests in progress"))
+    steps = list(c.generate(prompt, max_new_tokens=6, ignore_eos=True))
+    assert [s.offline for s in steps] == [True] + [False] * 5
+    sequence = prompt + [s.token for s in steps]
+    for i, step in enumerate(steps):
+        exit = 0 if step.offline else 2
+        assert step.token == int(family.logits(sequence[:len(prompt) + i], exit=exit)[0, -1].argmax()), i
+
+
 def test_require_cloud_raises_instead_of_going_offline(device_family, tier):
     tier.reachable = False
     c = client(device_family, tier, mode="exit", threshold=1.5, require_cloud=True)
@@ -251,7 +268,7 @@ def test_int8_member_agrees_with_fp32_on_most_next_tokens(device_family, tier):
     ({}, [1000], "outside the vocabulary"),
     ({"mode": "warp"}, [1], "unknown mode"),
     ({"mode": "speculative", "temperature": 0.5}, [1], "greedy drafts"),
-    ({"policy": "vibes"}, [1], "unknown policy"),
+    ({"policy": "vibes"}, [1], "unknown confidence policy"),
     ({"exit": 2, "mode": "exit"}, [1], "full model"),
 ])
 def test_bad_requests_say_what_is_wrong(device_family, tier, options, prompt, message):

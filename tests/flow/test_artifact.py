@@ -37,6 +37,58 @@ def test_hash_sees_every_tensor(tiny_family):
     assert tiny_family.family_hash() != before
 
 
+@pytest.fixture
+def digests(monkeypatch):
+    """How many times the weights have been hashed (from memory or from a file) so far."""
+    import flow.artifact
+
+    count = [0]
+    digest = flow.artifact.digest_tensors
+
+    def counted(entries):
+        count[0] += 1
+        return digest(entries)
+
+    monkeypatch.setattr(flow.artifact, "digest_tensors", counted)
+    return lambda: count[0]
+
+
+def fresh_hash(family) -> str:
+    """The hash of `family`'s weights computed from scratch (a new Family has no record)."""
+    return Family(family.model).family_hash()
+
+
+def test_loaded_family_keeps_its_verified_hash_until_the_weights_change(tmp_path, tiny_family, digests):
+    import copy
+
+    manifest = tiny_family.save(tmp_path / "fam")
+    assert tiny_family.family_hash() == manifest.family_hash and digests() == 1  # the file, once
+    loaded = Family.load(tmp_path / "fam")
+    assert digests() == 2  # read_manifest verifying the file
+    assert loaded.family_hash() == loaded.family_hash() == manifest.family_hash and digests() == 2
+    assert fresh_hash(loaded) == manifest.family_hash and digests() == 3
+
+    copied = copy.deepcopy(loaded)  # tensors of its own: hashed afresh, to the same value
+    assert copied.family_hash() == manifest.family_hash and digests() == 4
+    with torch.no_grad():
+        loaded.model.blocks[0].mlp.up_proj.weight[0, 0] += 1e-3  # in place
+    changed = loaded.family_hash()
+    assert changed != manifest.family_hash and changed == fresh_hash(loaded)
+    assert copied.family_hash() == manifest.family_hash  # the copy's weights did not change
+    loaded.model.exits[0].norm.weight = torch.nn.Parameter(loaded.model.exits[0].norm.weight * 2)
+    assert loaded.family_hash() not in (changed, manifest.family_hash)
+    assert loaded.family_hash() == fresh_hash(loaded)
+    loaded.model.to(torch.bfloat16)
+    assert loaded.family_hash() == fresh_hash(loaded) != fresh_hash(Family.load(tmp_path / "fam"))
+
+
+def test_a_family_loaded_in_another_dtype_has_the_hash_of_its_converted_weights(tmp_path, tiny_family):
+    tiny_family.save(tmp_path / "fam")
+    converted = Family.load(tmp_path / "fam", dtype=torch.bfloat16)
+    assert converted.family_hash() == fresh_hash(converted) != tiny_family.family_hash()
+    assert Family.load(tmp_path / "fam", dtype=torch.float32).family_hash() == tiny_family.family_hash()
+
+
 def test_tampered_weights_are_refused(tmp_path, tiny_family):
     tiny_family.save(tmp_path / "fam")
     weights = tmp_path / "fam" / WEIGHTS_FILE

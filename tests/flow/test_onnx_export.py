@@ -4,6 +4,8 @@ These tests cover the portable `concat` cache layout (standard ONNX ops, left pa
 shared-buffer layout the device runtime uses is tested in tests/device/test_member.py.
 """
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,6 +13,15 @@ import pytest
 
 from builders import tiny_config
 from flow import Family
+from flow.member_format import (
+    ATTENTION_MASK,
+    HANDOFF_HIDDEN,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    MemberInfo,
+    cache_names,
+)
 from flow.onnx_export import export_member
 from parity import check_member_matches_family
 
@@ -27,13 +38,17 @@ def exported(request, family, tmp_path_factory):
     return request.param, path
 
 
+def member_info(path) -> MemberInfo:
+    return MemberInfo.from_metadata({p.key: p.value for p in onnx.load(path).metadata_props}, path)
+
+
 def test_metadata_names_the_family_and_member(family, exported):
     exit, path = exported
-    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
-    assert meta["family_hash"] == family.family_hash()
-    assert meta["exit"] == str(exit) and meta["exit_layer"] == str(family.config.exits[exit])
+    info = member_info(path)
+    assert info.family_hash == family.family_hash() and info.weights == "float32"
+    assert info.exit == exit and info.exit_layer == family.config.exits[exit]
     expected_layers = family.config.exits[exit] + (2 if exit < 2 else 1)
-    assert meta["num_cache_layers"] == str(expected_layers) and meta["kv_cache"] == "concat"
+    assert info.num_cache_layers == expected_layers and info.kv_cache == "concat"
 
 
 def test_auto_layout_needs_head_dim_multiple_of_8(family, tmp_path):
@@ -42,6 +57,8 @@ def test_auto_layout_needs_head_dim_multiple_of_8(family, tmp_path):
 
     assert choose_kv_cache(family.config) == "concat"  # head_dim 12: ORT's kernel cannot run it
     assert choose_kv_cache(family.config.replace(head_dim=16)) == "shared"
+    with pytest.raises(ConfigError, match="choose one of auto, shared, concat"):
+        choose_kv_cache(family.config, "paged")
     with pytest.raises(ConfigError, match="--kv-cache concat"):
         export_member(family, 0, tmp_path / "device.onnx", kv_cache="shared")
 
@@ -50,31 +67,30 @@ def test_prefill_and_decode_with_left_padding_match_the_reference(family, export
     exit, path = exported
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     config = family.config
-    layers = int({p.key: p.value for p in onnx.load(path).metadata_props}["num_cache_layers"])
+    layers = member_info(path).num_cache_layers
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (5, 9)]
     width = max(map(len, prompts))
     input_ids = np.array([[0] * (width - len(p)) + p for p in prompts], dtype=np.int64)
     mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
     position_ids = np.maximum(mask.cumsum(1) - 1, 0)
-    past = {f"past_key_values.{i}.{kind}": np.zeros((2, config.num_kv_heads, 0, config.head_dim), np.float32)
-            for i in range(layers) for kind in ("key", "value")}
+    past = {name: np.zeros((2, config.num_kv_heads, 0, config.head_dim), np.float32)
+            for name, _ in cache_names(layers)}
     sequences = [list(p) for p in prompts]
     for step in range(9):  # the prefill, then 8 decode steps fed with ORT's own presents
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
-            "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, **past}),
+            INPUT_IDS: input_ids, POSITION_IDS: position_ids, ATTENTION_MASK: mask, **past}),
             strict=True))
         for row, tokens in enumerate(sequences):
             count = input_ids.shape[1] if step else len(prompts[row])
             reference_logits = family.logits(tokens, exit=exit)[0, -count:].numpy()
             reference_handoff = family.handoff(tokens, exit=exit)[0, -count:].numpy()
-            np.testing.assert_allclose(outputs["logits"][row, -count:], reference_logits, atol=1e-4)
-            np.testing.assert_allclose(outputs["handoff_hidden"][row, -count:], reference_handoff, atol=1e-4)
-        next_tokens = outputs["logits"][:, -1].argmax(-1)
+            np.testing.assert_allclose(outputs[LOGITS][row, -count:], reference_logits, atol=1e-4)
+            np.testing.assert_allclose(outputs[HANDOFF_HIDDEN][row, -count:], reference_handoff, atol=1e-4)
+        next_tokens = outputs[LOGITS][:, -1].argmax(-1)
         for row, token in enumerate(next_tokens):
             sequences[row].append(int(token))
-        past = {name.replace("present", "past_key_values"): value
-                for name, value in outputs.items() if name.startswith("present.")}
+        past = {past_name: outputs[present] for past_name, present in cache_names(layers)}
         input_ids = next_tokens[:, None].astype(np.int64)
         position_ids = position_ids[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
@@ -93,14 +109,35 @@ def test_export_onnx_command_writes_members_into_the_family(tmp_path, family):
     out = flow("export-onnx", tmp_path / "fam", "--exit", "0", "--int8")
     assert "device.onnx" in out.stdout and "device.int8.onnx" in out.stdout
     member = tmp_path / "fam" / "members" / "0"
-    meta = {p.key: p.value for p in onnx.load(member / "device.int8.onnx").metadata_props}
-    assert meta["weights"] == "int8" and meta["family_hash"] == family.family_hash()
+    fp32, int8 = member_info(member / "device.onnx"), member_info(member / "device.int8.onnx")
+    assert int8.weights == "int8" and int8 == dataclasses.replace(fp32, weights="int8")
+    assert int8.family_hash == family.family_hash()
     session = ort.InferenceSession(member / "device.int8.onnx", providers=["CPUExecutionProvider"])
     assert "present.0.key" in [o.name for o in session.get_outputs()]
     info = flow("info", tmp_path / "fam").stdout
     assert "device.int8.onnx, device.onnx" in info
     refused = flow("export-onnx", tmp_path / "fam", "--exit", "5", check=False)
     assert refused.returncode == 1 and "exit=5 is not a member" in refused.stderr
+
+
+def test_exporting_a_family_directory_hashes_its_weights_once(tmp_path, family, monkeypatch):
+    """Catches: each exported member hashing every tensor again, when the family verified its
+    hash at load (SmolLM2: a full pass over 540 MB of weights per member)."""
+    import flow.artifact
+    from flow.onnx_export import export_family_members
+
+    family.save(tmp_path / "fam")
+    digests = []
+    digest = flow.artifact.digest_tensors
+
+    def counted(entries):
+        digests.append(1)
+        return digest(entries)
+
+    monkeypatch.setattr(flow.artifact, "digest_tensors", counted)
+    written = export_family_members(tmp_path / "fam", exits=[0, 1])
+    assert len(digests) == 1  # verifying weights.safetensors at load
+    assert [member_info(path).family_hash for path in written] == [family.family_hash()] * 2
 
 
 def test_exporting_a_bfloat16_family_leaves_the_family_untouched(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flow.codecs import CODECS, CodecError, EncodedRows, decode, encode
-from flow.confidence import check_threshold, confidence
+from flow.confidence import ExitPolicy, confidence
 from flow.errors import ConfigError
 from flow.sampling import Sampler, check_sampling
 from flow.tier import SamplingParams
@@ -227,18 +227,25 @@ def test_unknown_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown confidence policy 'top1'; choose one of max_prob, margin, entropy"):
         confidence(np.zeros(4), "top1")
     with pytest.raises(ConfigError, match="unknown confidence policy 'top1'"):
-        check_threshold("top1", 0.5)
+        ExitPolicy("top1", 0.5)
 
 
 @pytest.mark.parametrize("threshold", [math.nan, math.inf, -math.inf])
 def test_non_finite_threshold_is_a_config_error(threshold):
     with pytest.raises(ConfigError, match="max_prob threshold must be a finite number"):
-        check_threshold("max_prob", threshold)
+        ExitPolicy("max_prob", threshold)
 
 
-def test_any_finite_threshold_is_accepted_as_float():
-    assert check_threshold("entropy", -2) == -2.0 and isinstance(check_threshold("entropy", -2), float)
-    assert check_threshold("max_prob", 1.5) == 1.5
+def test_any_finite_threshold_is_accepted_as_float_and_none_is_the_policys_default():
+    assert ExitPolicy("entropy", -2).threshold == -2.0 and isinstance(ExitPolicy("entropy", -2).threshold, float)
+    assert ExitPolicy("max_prob", 1.5).threshold == 1.5
+    assert [ExitPolicy(p).threshold for p in ("max_prob", "margin", "entropy")] == [0.8, 0.5, -1.0]
+
+
+def test_an_exit_policy_accepts_the_rows_whose_score_reaches_its_threshold():
+    logits = np.log(np.array([[0.9, 0.05, 0.05], [0.5, 0.3, 0.2], [0.8, 0.1, 0.1]]))
+    assert ExitPolicy("max_prob", 0.8).accepts(logits).tolist() == [True, False, True]
+    assert ExitPolicy("margin", 0.3).accepts(logits).tolist() == [True, False, True]
 
 
 # ---- sampler --------------------------------------------------------------------------------------
