@@ -21,14 +21,13 @@ from common import write_json
 
 from device.client import DEFAULT_THRESHOLDS
 from device.member import MemberSession
-from flow.artifact import member_path, read_manifest
-from flow.calibration import CALIBRATION_FILE
+from flow.artifact import calibration_path, member_path, read_manifest
 from flow.confidence import POLICIES, ExitPolicy
 from flow.data.tokens import open_tokens
 
 
 def thresholds(family_dir, exit: int, family_hash: str) -> dict[str, float]:
-    path = member_path(family_dir, exit).parent / CALIBRATION_FILE
+    path = calibration_path(family_dir, exit)
     chosen = dict(DEFAULT_THRESHOLDS)
     if path.is_file():
         calibration = json.loads(path.read_text())

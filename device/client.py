@@ -40,8 +40,7 @@ import numpy as np
 
 from device.member import MemberSession
 from device.text import TextStream
-from flow.artifact import TOKENIZER_FILE, member_path, read_manifest
-from flow.calibration import CALIBRATION_FILE
+from flow.artifact import TOKENIZER_FILE, calibration_path, member_path, read_manifest
 from flow.confidence import ExitPolicy
 from flow.data.tokenizer import token_ids
 from flow.errors import ConfigError, FlowError
@@ -192,7 +191,7 @@ class DeviceClient:
 
     def _calibrated_threshold(self, family_dir: Path, policy: str) -> float | None:
         """The member's `calibration.json` threshold for `policy`, if it calibrated these weights."""
-        path = member_path(family_dir, self.exit).parent / CALIBRATION_FILE
+        path = calibration_path(family_dir, self.exit)
         if path.is_file():
             calibration = json.loads(path.read_text())
             # a calibration of other weights says nothing about these

@@ -32,6 +32,7 @@ FAMILY_JSON = "family.json"
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 MEMBERS_DIR = "members"
+CALIBRATION_FILE = "calibration.json"  # per member: `flow calibrate` thresholds
 
 # ---- tensor names -------------------------------------------------------------------------------
 
@@ -181,6 +182,11 @@ def is_family_dir(path: Path | str) -> bool:
 def member_path(family_dir: Path | str, exit: int, int8: bool = False) -> Path:
     """Where `flow export-onnx` writes member `exit`'s ONNX graph (`flow.member_format`)."""
     return Path(family_dir) / MEMBERS_DIR / str(exit) / (INT8_FILE if int8 else FLOAT32_FILE)
+
+
+def calibration_path(family_dir: Path | str, exit: int) -> Path:
+    """Where `flow calibrate` writes member `exit`'s thresholds, which the device SDK reads."""
+    return Path(family_dir) / MEMBERS_DIR / str(exit) / CALIBRATION_FILE
 
 
 def read_manifest(path: Path | str, verify: bool = True, weights: bool = True) -> FamilyManifest:

@@ -21,8 +21,6 @@ from flow.confidence import POLICIES, ExitPolicy
 from flow.errors import DataError
 from flow.fsutil import atomic_file
 
-CALIBRATION_FILE = "calibration.json"
-
 
 @dataclass
 class PolicyCalibration:
@@ -105,7 +103,7 @@ def teacher_forced(family, exits: list[int], tokens: np.ndarray, window: int, ma
 def calibrate(family_dir: Path | str, exit: int, tokens: np.ndarray, target: float,
               window: int = 256, max_tokens: int = 32768) -> dict:
     """Calibrate member `exit` of the family at `family_dir`; writes and returns calibration.json."""
-    from flow.artifact import member_path
+    from flow.artifact import calibration_path
     from flow.family import Family
 
     if not 0 < target <= 1:
@@ -125,7 +123,7 @@ def calibrate(family_dir: Path | str, exit: int, tokens: np.ndarray, target: flo
         result["thresholds"][policy] = chosen.threshold
         result["policies"][policy] = {"device_share": chosen.device_share,
                                       "agreement": chosen.agreement, "curve": chosen.curve}
-    path = member_path(family_dir, exit).parent / CALIBRATION_FILE
+    path = calibration_path(family_dir, exit)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
