@@ -247,8 +247,8 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.sampler = Sampler(sampling)
         self.text = TextStream(client.tokenizer, stop)
-        self.fed = 0  # the device has run positions 0..fed-1
-        self.logits: np.ndarray | None = None  # the device's prediction for position `fed`
+        self.computed = 0  # the member has computed positions 0..computed-1
+        self.logits: np.ndarray | None = None  # the device's prediction for position `computed`
         # the hand-off rows by position and the next tier's session (None: local only)
         self.escalation = (Escalation(client.tier, client.manifest.family_hash, client.exit,
                                       client.codec, client.config.hidden_size, client.max_seq_len)
@@ -273,7 +273,7 @@ class Generation:
         self.timings["device_s"] += time.perf_counter() - began
         if self.escalation is not None:
             self.escalation.record(start, out.handoff)
-        self.fed = start + len(tokens)
+        self.computed = start + len(tokens)
         self.logits = out.logits[-1]
 
     # ---- the next tier ----------------------------------------------------------------------
@@ -314,8 +314,8 @@ class Generation:
             if self.mode == "cloud":
                 yield from self._cloud_steps()
             while not self.done:
-                if self.fed < len(self.tokens):  # the prompt, or the tokens settled last round
-                    self.feed(self.tokens[self.fed:], self.fed)
+                if self.computed < len(self.tokens):  # the prompt, or the tokens settled last round
+                    self.feed(self.tokens[self.computed:], self.computed)
                 if self.mode == "speculative":
                     yield from self._speculative_round()
                 else:
@@ -394,7 +394,7 @@ class Generation:
         kept = length + accepted  # positions 0..kept-1 are right on both sides
         self.drafts_rejected += len(drafts) - accepted
         self.escalation.keep(kept)
-        self.fed = min(self.fed, kept)
+        self.computed = min(self.computed, kept)
         for token in drafts[:accepted]:
             step = self.emit(token, DEVICE)
             if step is not None:  # None: a stop string or EOS ended the generation before it

@@ -32,7 +32,7 @@ class Escalation:
                  hidden_size: int, max_seq_len: int):
         self.tier, self.family_hash, self.from_exit, self.codec = tier, family_hash, from_exit, codec
         self.rows = np.zeros((max_seq_len, hidden_size), np.float32)  # h by position
-        self.fed = 0  # rows 0..fed-1 are known
+        self.recorded = 0  # rows 0..recorded-1 are recorded
         self.session: TierSession | None = None
         self.frontier = 0  # positions the next tier holds, as far as we know
         self.rollback = False  # the next tier holds positions >= frontier that must go
@@ -42,24 +42,24 @@ class Escalation:
     def record(self, start: int, rows: np.ndarray) -> None:
         """Rows for positions start.. (what the blocks up to our exit produced)."""
         self.rows[start:start + len(rows)] = rows
-        self.fed = start + len(rows)
+        self.recorded = start + len(rows)
 
     def keep(self, length: int) -> None:
         """Only positions 0..length-1 stand (a rejected draft): forget the rest on both sides."""
-        self.fed = min(self.fed, length)
+        self.recorded = min(self.recorded, length)
         if self.frontier > length:
             self.frontier, self.rollback = length, True
 
     def send(self, return_all: bool = False, top_k: int = 0) -> tuple[int, Continuation]:
-        """Ship rows frontier..fed-1; returns (their first position, the answer).
+        """Ship rows frontier..recorded-1; returns (their first position, the answer).
 
         With `return_all` the answer holds a token (and top-k) for every position from the first
-        one through fed-1, however many requests it took.
+        one through recorded-1, however many requests it took.
         """
         began = time.perf_counter()
         first, tokens, best, answer = None, {}, {}, None
         try:
-            while answer is None or self.frontier < self.fed:
+            while answer is None or self.frontier < self.recorded:
                 start, answer = self._send_once(return_all, top_k)
                 if answer.frontier <= start:
                     raise TierError(f"the next tier answered rows from {start} without moving its "
@@ -73,8 +73,8 @@ class Escalation:
         finally:
             self.seconds += time.perf_counter() - began
         if return_all:
-            answer.tokens = [tokens[p] for p in range(first, self.fed)]
-            answer.top_k = [best[p] for p in range(first, self.fed)] if best else []
+            answer.tokens = [tokens[p] for p in range(first, self.recorded)]
+            answer.top_k = [best[p] for p in range(first, self.recorded)] if best else []
         return first, answer
 
     def _send_once(self, return_all: bool, top_k: int) -> tuple[int, Continuation]:
@@ -85,14 +85,14 @@ class Escalation:
                     self.session = self.tier.open(self.family_hash, self.from_exit, self.codec)
                     self.frontier, self.rollback = self.session.frontier, False
                 start = self.frontier
-                end = min(self.fed, start + self.session.max_rows) if self.session.max_rows else self.fed
+                end = min(self.recorded, start + self.session.max_rows) if self.session.max_rows else self.recorded
                 answer = self.session.continue_(start, self.rows[start:end], return_all, top_k,
                                                 rollback=self.rollback)
                 break
             except SessionLost:
                 self.session = None  # replay from position 0 on a new session
             except FrontierMismatch as err:
-                if err.frontier > self.fed:
+                if err.frontier > self.recorded:
                     self.rollback = True  # it holds more than we know: discard the rest
                 else:
                     self.frontier = err.frontier
