@@ -73,7 +73,6 @@ def measure(config_path: Path, warmup: int, rounds: int, variants: list[str]) ->
     """Inside one training process: the backbone's forward and the asked training steps, taken
     in turns (one of each per round, so load from other processes hits all alike); per variant
     the median seconds and the median of its per-round ratio to the backbone forward."""
-    import dataclasses
 
     import torch
 
@@ -83,7 +82,7 @@ def measure(config_path: Path, warmup: int, rounds: int, variants: list[str]) ->
     from training.trainer import Trainer
 
     plan = prepare(config_path)
-    trainer = Trainer(plan.run_dir)
+    trainer = Trainer(plan, plan.run_dir)
     c, family = trainer.config, trainer.family
     backbone = build_model(family.replace(exits=(family.num_layers - 1,)))  # no exit branches
     backbone.eval()
@@ -95,7 +94,7 @@ def measure(config_path: Path, warmup: int, rounds: int, variants: list[str]) ->
                 backbone(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"]).mean()
 
     def step(alpha: float):
-        trainer.model.exit_loss = dataclasses.replace(c.exit_loss, distill_alpha=alpha, distill_temperature=2.0)
+        trainer.model.exit_losses.alpha, trainer.model.exit_losses.temperature = alpha, 2.0
         trainer.train_step()
 
     runs = {"backbone_forward": backbone_forward}

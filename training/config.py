@@ -18,7 +18,6 @@ The config is saved with every checkpoint and into the family's provenance.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -33,12 +32,26 @@ VOCAB_MULTIPLE = 128  # padded vocabulary: divisible by any tensor-parallel size
 
 @dataclass
 class ModelSection:
+    """The architecture of a randomly initialised family.
+
+    `preset`: a name in `flow.config.PRESETS`. `overrides`: any `FamilyConfig` field replacing
+    the preset's (written beside `preset` in the file); `exits` lists the early exit layers, the
+    last layer being added. With `init.source` hf or family the architecture comes from
+    `init.path` and only `exits` is read.
+    """
+
     preset: str = "demo"
     overrides: dict[str, Any] = field(default_factory=dict)  # any FamilyConfig field
 
 
 @dataclass
 class InitSection:
+    """The weights training starts from.
+
+    `source`: random (seeded by `seed`), hf (a Hugging Face checkpoint directory at `path`) or
+    family (a family artifact at `path`). `seed` only seeds a random start.
+    """
+
     source: str = "random"  # random | hf | family
     path: str | None = None
     seed: int = 0
@@ -46,6 +59,8 @@ class InitSection:
 
 @dataclass
 class DataSection:
+    """What the run trains on: the corpus of documents and the token streams encoded from it."""
+
     corpus: str = "runs/demo/corpus"  # the documents (`flow corpus`), recorded in provenance
     # The token streams (`flow tokenize`); a pretrained family's own tokenizer writes them to a
     # directory of their own (`flow tokenize CORPUS --tokenizer FAMILY/tokenizer.json --out DIR`).
@@ -58,17 +73,34 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
+    """megatron-core's parallel sizes; one rank per tensor x pipeline x data combination.
+
+    `tensor` splits every layer's weights, `pipeline` the layers into consecutive stages, `data`
+    the global batch.
+    """
+
     tensor: int = 1
     pipeline: int = 1
     data: int = 1
 
     @property
     def world_size(self) -> int:
+        """The number of ranks (processes) the run needs."""
         return self.tensor * self.pipeline * self.data
 
 
 @dataclass
 class TrainSection:
+    """The optimisation: steps, batch shapes, AdamW and its learning-rate schedule.
+
+    `seq_len` tokens per window; a step takes `global_batch_size` windows, each data-parallel
+    rank `global_batch_size / data` of them in micro-batches of `micro_batch_size`. The learning
+    rate warms up linearly over `warmup_steps` to `lr`, then follows a cosine to `min_lr` at
+    `steps` (`training.schedules`). `weight_decay` applies to matrices only; `grad_clip` bounds
+    the global gradient norm (0: no clipping). `seed` orders the training windows and seeds
+    megatron-core's random streams.
+    """
+
     steps: int = 300
     seq_len: int = 256
     micro_batch_size: int = 4
@@ -89,6 +121,15 @@ class TrainSection:
 
 @dataclass
 class ExitLossSection:
+    """How the exits' losses are weighed and what each early exit learns from.
+
+    Loss = Σ_k λ_k(step) · objective_k. `weights` are the w_k (one per exit, last included);
+    `schedule` moves the early exits' λ_k over the run (`training.schedules`): constant, warmup
+    (0 to w_k over `warmup_steps`) or decay (w_k to `decay_to` · w_k at the last step). An early
+    exit's objective is CE, or with `distill_alpha` > 0 CE blended with distillation from the
+    last exit at temperature `distill_temperature` (`training.exit_loss`).
+    """
+
     schedule: str = "constant"  # constant | warmup | decay
     weights: list[float] | None = None  # one per exit; default 1.0 each
     warmup_steps: int = 100  # warmup: early exits ramp from 0 to their weight
@@ -101,18 +142,27 @@ class ExitLossSection:
 
 @dataclass
 class EvalSection:
+    """Validation: every `interval` steps (and at the last), the CE per exit over `batches`
+    global batches of the validation split."""
+
     interval: int = 100
     batches: int = 4
 
 
 @dataclass
 class CheckpointSection:
+    """The run directory `dir` (plan, checkpoints, metrics) and a checkpoint every `interval`
+    steps; a run whose directory holds a checkpoint resumes from the newest."""
+
     dir: str = "runs/demo/checkpoints"
     interval: int = 100
 
 
 @dataclass
 class TrainConfig:
+    """A whole run's configuration, one section per concern (see the module docstring);
+    `output` is the family directory written from the last checkpoint."""
+
     model: ModelSection = field(default_factory=ModelSection)
     init: InitSection = field(default_factory=InitSection)
     data: DataSection = field(default_factory=DataSection)
@@ -163,9 +213,6 @@ class TrainConfig:
         data["model"] = {"preset": self.model.preset, **self.model.overrides}
         return data
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
     # ---- derived values ---------------------------------------------------------------------
 
     def family_config(self, tokenizer_vocab: int | None) -> FamilyConfig:
@@ -182,10 +229,12 @@ class TrainConfig:
 
     @property
     def num_microbatches(self) -> int:
+        """Micro-batches each data-parallel rank runs per step."""
         t, p = self.train, self.parallel
         return t.global_batch_size // (t.micro_batch_size * p.data)
 
     def exit_weights(self, num_exits: int) -> list[float]:
+        """The configured w_k of each exit (before the schedule), checked against `num_exits`."""
         weights = self.exit_loss.weights or [1.0] * num_exits
         if len(weights) != num_exits:
             raise ConfigError(f"exit_loss.weights has {len(weights)} entries, the family has "

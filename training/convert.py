@@ -8,6 +8,8 @@ megatron-core stores the decoder's shapes differently from the family (DESIGN.md
   (`linear_proj`, `linear_fc2`) split columns; norms are replicated.
 - the per-head q/k norms exist only where the architecture has them (`config.arch.qk_norm`:
   Qwen3 yes, Llama no); megatron then builds no `q_layernorm`/`k_layernorm` either.
+- Transformer Engine's layer spec fuses the pre-attention and pre-MLP norms into the linear that
+  follows each (`with_fused_norm_names`); the local spec, which conversion back uses, does not.
 
 Exit branch k lives on the pipeline stage that owns block `e_k`, under `exit_branches.{k}.`.
 The last exit is megatron's own `decoder.final_layernorm` and `output_layer`.
@@ -15,6 +17,7 @@ The last exit is megatron's own `decoder.final_layernorm` and `output_layer`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +40,20 @@ QK_NORM_NAMES = {
 QKV = "self_attention.linear_qkv.weight"
 FC1 = "mlp.linear_fc1.weight"
 ROW_PARALLEL = {"self_attention.linear_proj.weight", "mlp.linear_fc2.weight"}
+# megatron's local-spec norm name -> Transformer Engine's, whose linear carries the norm before it
+FUSED_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Which part of the family one rank holds."""
+    """Which part of the family one rank holds: its place in the tensor-parallel group
+    (`tp_rank` of `tp_size`) and in the pipeline (stage `pp_rank` of `pp_size`).
+
+    The defaults are the single-rank layout, which holds everything.
+    """
 
     tp_rank: int = 0
     tp_size: int = 1
@@ -49,14 +61,17 @@ class Shard:
     pp_size: int = 1
 
     def layers(self, config: FamilyConfig) -> range:
+        """The backbone layers of this pipeline stage (global indices)."""
         return stage_layers(config.num_layers, self.pp_size, self.pp_rank)
 
     @property
     def first_stage(self) -> bool:
+        """This stage holds the embedding."""
         return self.pp_rank == 0
 
     @property
     def last_stage(self) -> bool:
+        """This stage holds the final norm and head (the last exit)."""
         return self.pp_rank == self.pp_size - 1
 
     def exits(self, config: FamilyConfig) -> list[int]:
@@ -65,9 +80,11 @@ class Shard:
         return [k for k, e in enumerate(config.exits[:-1]) if e in layers]
 
     def rows(self, tensor: Tensor) -> Tensor:
+        """This rank's slice of a column-parallel weight: a contiguous block of output rows."""
         return tensor.chunk(self.tp_size, dim=0)[self.tp_rank]
 
     def columns(self, tensor: Tensor) -> Tensor:
+        """This rank's slice of a row-parallel weight: a contiguous block of input columns."""
         return tensor.chunk(self.tp_size, dim=1)[self.tp_rank]
 
 
@@ -132,6 +149,18 @@ def family_to_megatron(tensors: dict[str, Tensor], config: FamilyConfig, shard: 
         out["decoder.final_layernorm.weight"] = tensors[f"exits.{last}.norm.weight"]
         out["output_layer.weight"] = shard.rows(tensors[f"exits.{last}.head.weight"])
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def with_fused_norm_names(local: dict[str, Tensor], model_names: Collection[str]) -> dict[str, Tensor]:
+    """`local` (from `family_to_megatron`) with each norm renamed to `FUSED_NORM_NAMES`' fused
+    name wherever the model (`model_names`, its state dict's keys) lacks the local-spec name."""
+    renamed = {}
+    for name, tensor in local.items():
+        plain = next((p for p in FUSED_NORM_NAMES if name.endswith(p)), None)
+        if plain is not None and name not in model_names:
+            name = name[: -len(plain)] + FUSED_NORM_NAMES[plain]
+        renamed[name] = tensor
+    return renamed
 
 
 # ---- megatron -> family -------------------------------------------------------------------------

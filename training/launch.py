@@ -10,7 +10,6 @@ Several nodes: run `torchrun --nnodes ... -m training.trainer RUN_DIR` on each, 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,19 +18,19 @@ from pathlib import Path
 from flow.errors import FlowError
 from training import run_dir
 from training.config import TrainConfig
-from training.plan import Plan, check_resumable, make_plan
+from training.plan import RunPlan, check_resumable, make_plan
 
 
 class TrainingFailed(FlowError):
     """A rank exited with an error; the newest complete checkpoint is kept."""
 
 
-def prepare(config_path: Path | str) -> Plan:
+def prepare(config_path: Path | str) -> RunPlan:
     """Load, resolve and validate a config and write the run directory's train_config.json."""
     plan = make_plan(TrainConfig.load(config_path))
     check_resumable(plan)
     _check_devices(plan.config.parallel.world_size)
-    run_dir.write_config(plan.run_dir, json.dumps(plan.to_dict(), indent=2) + "\n")
+    plan.save()
     return plan
 
 
@@ -48,7 +47,7 @@ def _check_devices(world_size: int) -> None:
                         f"across nodes (see `flow train --help`)")
 
 
-def run_ranks(plan: Plan, stop_after: int | None = None) -> None:
+def run_ranks(plan: RunPlan, stop_after: int | None = None) -> None:
     """Start torchrun with one process per rank and wait for it."""
     world = plan.config.parallel.world_size
     env = dict(os.environ)

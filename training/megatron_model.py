@@ -5,9 +5,10 @@ GQA, RoPE, untied embeddings, per-head q/k norms where the architecture has them
 layer spec (Transformer Engine's where it is installed and a GPU is present, the local spec
 otherwise). Each early exit k is an `ExitBranch` (one decoder layer from the same spec, a norm, a
 vocab-parallel head) on the pipeline stage that owns block `e_k`. A forward hook on that block
-runs the branch and attaches its loss to the block's output through `ExitLoss`, an identity whose
-backward injects the loss gradient — megatron-core's pattern for MoE and MTP auxiliary losses — so
-any stage carries exit losses and the pipeline schedule is unchanged.
+runs the branch and attaches its loss to the block's output through an identity whose backward
+injects the loss gradient — megatron-core's pattern for MoE and MTP auxiliary losses — so any
+stage carries exit losses and the pipeline schedule is unchanged. The model owns the exits'
+losses in one `ExitLosses` (`training.exit_loss`): their weights, the objective, what was measured.
 
 Two variations of where an exit's loss is computed:
 - Self-distillation (`exit_loss.distill_alpha > 0`) needs the last exit's logits as the teacher.
@@ -38,8 +39,8 @@ from torch import Tensor
 
 from flow.config import FamilyConfig
 from training.config import ExitLossSection
-from training.convert import Shard
-from training.exit_loss import Teacher, exit_objective, teacher_of
+from training.convert import Shard, family_to_megatron, with_fused_norm_names
+from training.exit_loss import ExitLosses, Teacher
 
 
 def transformer_config(family: FamilyConfig, tensor: int, pipeline: int,
@@ -84,21 +85,6 @@ def layer_spec(family: FamilyConfig) -> tuple[str, ModuleSpec]:
     return "local", local_layer_spec(family)
 
 
-class ExitLoss(torch.autograd.Function):
-    """Identity on `hidden`; in backward, also feeds `scale` as d(total loss)/d(exit loss)."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, loss: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(loss)
-        ctx.scale = scale
-        return hidden
-
-    @staticmethod
-    def backward(ctx, grad_hidden: Tensor):
-        (loss,) = ctx.saved_tensors
-        return grad_hidden, torch.full_like(loss, ctx.scale), None
-
-
 class ExitBranch(MegatronModule):
     """One decoder layer, its norm and a vocab-parallel LM head: exit k of the family."""
 
@@ -135,10 +121,8 @@ class ExitBranches(MegatronModule):
 class FamilialGPT(GPTModel):
     """megatron-core's GPTModel with the family's early exits on this pipeline stage.
 
-    Before each step the trainer sets `exit_loss_scales[k]` (λ_k / microbatches). During
-    training and evaluation, each micro-batch's (exit, objective, cross-entropy) are appended to
-    `recorded_losses`; in forward-only calls without labels, exit logits are kept in
-    `exit_logits` instead.
+    A forward with labels (training and evaluation) scores the early exits of this stage into
+    `exit_losses` (see `ExitLosses`); one without labels keeps their logits in `exit_logits`.
     """
 
     def __init__(self, family: FamilyConfig, config: TransformerConfig, spec: ModuleSpec, shard: Shard,
@@ -150,10 +134,8 @@ class FamilialGPT(GPTModel):
             share_embeddings_and_output_weights=False)
         self.family = family
         self.shard = shard
-        self.exit_loss = exit_loss or ExitLossSection()
+        self.exit_losses = ExitLosses(family.num_exits, exit_loss or ExitLossSection())
         self.exit_branches = ExitBranches(config=config)
-        self.exit_loss_scales = [1.0] * family.num_exits
-        self.recorded_losses: list[tuple[int, Tensor, Tensor]] = []
         self.exit_logits: dict[int, Tensor] = {}
         self.backbone_frozen = False
         self._labels: Tensor | None = None
@@ -166,10 +148,6 @@ class FamilialGPT(GPTModel):
                                                  family.vocab_size, layer_number=exit_layer + 2))
             block = self.decoder.layers[exit_layer - first_layer]
             block.register_forward_hook(functools.partial(self._run_exit, k), with_kwargs=True)
-
-    @property
-    def distills(self) -> bool:
-        return self.exit_loss.distill_alpha > 0
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
                 labels: Tensor | None = None, **kwargs):
@@ -190,24 +168,24 @@ class FamilialGPT(GPTModel):
             logits = self.exit_branches[k](hidden, kwargs)
             self.exit_logits[k] = logits.detach().transpose(0, 1)  # (B, T, vocab / tp)
             return output
-        if self.distills:  # the teacher comes at the end of the backbone (last stage)
+        if self.exit_losses.distills:  # the teacher comes at the end of the backbone (last stage)
             self._waiting.append((k, hidden, kwargs))
             return output
         objective = self._branch_objective(k, hidden, kwargs, teacher=None)
         if objective is None:
             return output
-        hidden = ExitLoss.apply(hidden, objective, self.exit_loss_scales[k])
+        hidden = self.exit_losses.attach(k, hidden, objective)
         return make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True), context
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         """The last exit's per-token CE (B, T), carrying the losses of the exits that waited for
         it as their teacher (self-distillation)."""
-        teacher = teacher_of(logits, self.exit_loss.distill_temperature) if self._waiting else None
+        teacher = self.exit_losses.teacher(logits) if self._waiting else None
         loss = super().compute_language_model_loss(labels, logits)  # overwrites `logits`
         for k, hidden, kwargs in self._waiting:
             objective = self._branch_objective(k, hidden, kwargs, teacher)
             if objective is not None:
-                loss = ExitLoss.apply(loss, objective, self.exit_loss_scales[k])
+                loss = self.exit_losses.attach(k, loss, objective)
         self._waiting = []
         return loss
 
@@ -218,15 +196,13 @@ class FamilialGPT(GPTModel):
         back-propagated here, so nothing of it outlives this call.
         """
         labels = self._labels.t().contiguous()  # (T, B)
-        alpha, temperature = self.exit_loss.distill_alpha, self.exit_loss.distill_temperature
         with torch.enable_grad() if self._tune_branches else contextlib.nullcontext():
             branch_input = hidden.detach() if self._tune_branches else hidden
             logits = self.exit_branches[k](branch_input, kwargs)  # (T, B, vocab / tp)
-            objective, ce = exit_objective(logits, labels, teacher, alpha, temperature)
-            self.recorded_losses.append((k, objective.detach(), ce.detach()))
+            objective = self.exit_losses.early_exit(k, logits, labels, teacher)
             if not self._tune_branches:
                 return objective
-            (objective * self.exit_loss_scales[k]).backward()
+            self.exit_losses.backward(k, objective)
         return None
 
     def freeze(self, backbone: bool, exit_heads: bool = False) -> None:
@@ -265,17 +241,8 @@ def build_model(family: FamilyConfig, dtype: torch.dtype = torch.float32,
 
 def load_family_weights(model: FamilialGPT, tensors: dict[str, Tensor]) -> None:
     """Copy a family's full tensors into this rank's shard of the model."""
-    from training.convert import family_to_megatron
-
-    local = family_to_megatron(tensors, model.family, model.shard)
     own = model.state_dict()
-    # Transformer Engine fuses the pre-attention and pre-MLP norms into the following linear.
-    renames = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-               "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-    for name in list(local):
-        for plain, fused in renames.items():
-            if name.endswith(plain) and name not in own:
-                local[name[: -len(plain)] + fused] = local.pop(name)
+    local = with_fused_norm_names(family_to_megatron(tensors, model.family, model.shard), own)
     missing = sorted(n for n in own if n not in local and not n.endswith("_extra_state"))
     unexpected = sorted(n for n in local if n not in own)
     if missing or unexpected:

@@ -3,7 +3,9 @@
 `make_plan` resolves the family's architecture (preset + overrides, a Hugging Face checkpoint or
 an existing family), finds the tokenizer and token streams, and validates the whole config; a bad
 config fails here with a message saying what to change, never inside eight worker processes.
-Needs neither torch nor megatron-core.
+The resulting `RunPlan` is saved as the run directory's train_config.json, which every rank, the
+conversion into a family and a resumed run read back (`RunPlan.load`). Needs neither torch nor
+megatron-core.
 """
 
 from __future__ import annotations
@@ -17,17 +19,25 @@ from flow import artifact
 from flow.config import FamilyConfig, with_final_exit
 from flow.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer, stop_tokens_of
 from flow.data.tokens import TOKENS_JSON, open_tokens
-from flow.errors import ConfigError, DataError
+from flow.errors import ArtifactError, ConfigError, DataError
 from flow.hf import end_token_ids, read_hf_config
 from training.config import TrainConfig
+from training.run_dir import CONFIG_FILE, read_config, write_config
 
 
 @dataclass
-class Plan:
+class RunPlan:
+    """A resolved run: the train config, the architecture, the tokenizer and the end tokens.
+
+    `to_dict`/`from_dict` are the one place that knows the layout of train_config.json:
+    {"train": TrainConfig, "family": FamilyConfig, "tokenizer": path, "stop_tokens": [...]}.
+    """
+
     config: TrainConfig
     family: FamilyConfig
     tokenizer: Path
-    train_tokens: int
+    # Counted when the plan is made (for the launch message); not saved, so None once loaded.
+    train_tokens: int | None = None
     stop_tokens: tuple[str, ...] = (EOS_TOKEN,)  # the family's end tokens, kept through training
 
     @property
@@ -38,12 +48,31 @@ class Plan:
         return {"train": self.config.to_dict(), "family": self.family.to_dict(),
                 "tokenizer": str(self.tokenizer), "stop_tokens": list(self.stop_tokens)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunPlan:
+        missing = sorted({"train", "family", "tokenizer"} - set(data))
+        if missing:
+            raise ArtifactError(f"the run config lacks {missing}; was it written by `flow train`?")
+        # Runs saved before stop tokens were recorded ended with the corpus separator.
+        stop_tokens = tuple(data.get("stop_tokens", (EOS_TOKEN,)))
+        return cls(TrainConfig.from_dict(data["train"]), FamilyConfig.from_dict(data["family"]),
+                   Path(data["tokenizer"]), stop_tokens=stop_tokens)
+
+    def save(self) -> None:
+        """Write train_config.json into the run directory (`checkpoint.dir`)."""
+        write_config(self.run_dir, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, root: Path | str) -> RunPlan:
+        """The plan saved in run directory `root`."""
+        return cls.from_dict(read_config(Path(root)))
+
 
 def _tokenizer_for(config: TrainConfig) -> Path:
     init = config.init
     if init.source == "random":
         return Path(config.data.corpus) / TOKENIZER_FILE
-    path = Path(init.path) / (TOKENIZER_FILE)
+    path = Path(init.path) / TOKENIZER_FILE
     if not path.is_file():
         raise DataError(f"init.path {init.path} has no {TOKENIZER_FILE}; training needs the tokenizer "
                         f"the weights were trained with")
@@ -67,7 +96,7 @@ def _family_config(config: TrainConfig, tokenizer_vocab: int) -> FamilyConfig:
     return family
 
 
-def make_plan(config: TrainConfig) -> Plan:
+def make_plan(config: TrainConfig) -> RunPlan:
     """Resolve and validate a run; raise `ConfigError`/`DataError` naming what to change."""
     corpus, tokens = Path(config.data.corpus), config.data.tokens_dir
     if not (tokens / TOKENS_JSON).is_file():
@@ -85,7 +114,7 @@ def make_plan(config: TrainConfig) -> Plan:
     train_tokens = len(open_tokens(tokens, "train", tokenizer_path))
     open_tokens(tokens, "val", tokenizer_path)
     config.validate(family, train_tokens)
-    return Plan(config, family, tokenizer_path, train_tokens, _stop_tokens(config, tokenizer_path))
+    return RunPlan(config, family, tokenizer_path, train_tokens, _stop_tokens(config, tokenizer_path))
 
 
 def _stop_tokens(config: TrainConfig, tokenizer_path: Path) -> tuple[str, ...]:
@@ -99,18 +128,17 @@ def _stop_tokens(config: TrainConfig, tokenizer_path: Path) -> tuple[str, ...]:
     return (EOS_TOKEN,)
 
 
-def check_resumable(plan: Plan) -> None:
+def check_resumable(plan: RunPlan) -> None:
     """Refuse to continue a run directory that was started with another model or data."""
-    path = plan.run_dir / "train_config.json"
-    if not path.is_file():
+    if not (plan.run_dir / CONFIG_FILE).is_file():
         return
-    previous = json.loads(path.read_text())
-    now = plan.to_dict()
-    for key, what in (("family", "architecture"), ("tokenizer", "tokenizer")):
-        if previous.get(key) != now[key]:
+    previous = RunPlan.load(plan.run_dir)
+    for what, before, now in (("architecture", previous.family, plan.family),
+                              ("tokenizer", previous.tokenizer, plan.tokenizer)):
+        if before != now:
             raise ConfigError(f"checkpoint.dir {plan.run_dir} holds a run with another {what}; "
                               f"use a new checkpoint.dir or delete the old one")
     for section in ("data", "init", "exit_loss"):
-        if previous["train"].get(section) != now["train"][section]:
+        if getattr(previous.config, section) != getattr(plan.config, section):
             raise ConfigError(f"checkpoint.dir {plan.run_dir} holds a run with a different "
                               f"`{section}` section; use a new checkpoint.dir to change it")

@@ -1,6 +1,6 @@
 """A training run's directory, readable without torch or megatron-core.
 
-    <dir>/train_config.json the resolved run config (train config, architecture, tokenizer)
+    <dir>/train_config.json the resolved run (`training.plan.RunPlan`: config, architecture, tokenizer)
     <dir>/iter_0000100/     a megatron-core dist checkpoint (see `training.checkpoint`)
     <dir>/latest            the step of the newest complete checkpoint (written last, atomically)
     <dir>/metrics.jsonl     one line per training step (rank 0)

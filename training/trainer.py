@@ -5,8 +5,9 @@ layout starts from the same weights), wraps it in megatron-core DDP, and runs me
 pipeline schedule with a plain AdamW (megatron's optimizer wrappers hard-code CUDA). With a frozen
 backbone the schedule runs forward-only, the model differentiates its exit branches inside that
 forward (`training.megatron_model`), and the trainer reduces their gradients over data-parallel
-ranks itself. Per-exit losses are reduced over pipeline stages and data-parallel ranks; rank 0
-shows a progress bar and appends one JSON line per step to RUN_DIR/metrics.jsonl.
+ranks itself. Per-exit losses are collected by the model's `ExitLosses` and reduced over pipeline
+stages and data-parallel ranks; rank 0 shows a progress bar and appends one JSON line per step to
+RUN_DIR/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.data import WindowSampler, rank_microbatches
 from training.distributed import initialize, shutdown
-from training.run_dir import iteration_dir, latest_step, read_config
+from training.plan import RunPlan
+from training.run_dir import iteration_dir, latest_step
 from training.schedules import exit_loss_weights, learning_rate
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,22 +48,23 @@ def initial_tensors(config: TrainConfig, family: FamilyConfig) -> dict[str, torc
 
 
 class Trainer:
-    def __init__(self, run_dir: Path):
+    """One rank's part of a training run: its model shard, optimizer, data and the step loop.
+
+    Built from the run's `RunPlan` (`plan`) and the run directory `run_dir` that holds its
+    checkpoints and metrics; torch.distributed and megatron-core's parallel groups are set up
+    here from the plan's parallel sizes. A directory with a checkpoint is resumed from the newest
+    one; otherwise the weights come from `plan.config.init`. `train_step` runs one optimizer
+    step, `evaluate` the validation cross-entropy per exit, `run` the loop with evaluation,
+    checkpoints and logging.
+    """
+
+    def __init__(self, plan: RunPlan, run_dir: Path):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
 
         from training.megatron_model import build_model, load_family_weights
 
-        plan = read_config(run_dir)
-        self.plan = plan
-        self.run_dir = run_dir
-        self.config = TrainConfig.from_dict(plan["train"])
-        self.family = FamilyConfig.from_dict(plan["family"])
-        tokenizer = Path(plan["tokenizer"])
+        self.plan, self.run_dir = plan, run_dir
+        self.config, self.family = plan.config, plan.family
         c = self.config
         initialize(c.parallel.tensor, c.parallel.pipeline, c.train.seed)
         self.ps = ps
@@ -70,17 +73,10 @@ class Trainer:
         if resume_step is None:  # a resumed run gets its weights from the checkpoint below
             load_family_weights(self.model, initial_tensors(c, self.family))
         self.model.freeze(backbone=c.train.freeze_backbone, exit_heads=c.train.freeze_exit_heads)
-        self.ddp = DistributedDataParallel(
-            self.model.config, DistributedDataParallelConfig(overlap_grad_reduce=False), self.model)
-        self.model.config.finalize_model_grads_func = finalize_model_grads
-        self.model.config.no_sync_func = self.ddp.no_sync
+        self.ddp = self._wrap_in_ddp()
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.train.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=c.train.lr, betas=(0.9, 0.95), eps=1e-8)
-        tokens = c.data.tokens_dir
+        self.optimizer = self._adamw()
+        tokens, tokenizer = c.data.tokens_dir, plan.tokenizer
         self.train_sampler = WindowSampler(open_tokens(tokens, "train", tokenizer), c.train.seq_len, c.train.seed)
         self.val_sampler = WindowSampler(open_tokens(tokens, "val", tokenizer), c.train.seq_len, 0, shuffle=False)
         self.rank = dist.get_rank()
@@ -90,6 +86,29 @@ class Trainer:
                                         self.optimizer)["step"]
         if self.rank == 0:
             self._truncate_metrics()
+
+    def _wrap_in_ddp(self):
+        """megatron-core DDP around the model, with the hooks its pipeline schedule calls."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        ddp = DistributedDataParallel(
+            self.model.config, DistributedDataParallelConfig(overlap_grad_reduce=False), self.model)
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.model.config.no_sync_func = ddp.no_sync
+        return ddp
+
+    def _adamw(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; norms and other vectors get no weight decay."""
+        train = self.config.train
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines of steps past the checkpoint we resume from (they will be redone)."""
@@ -108,13 +127,12 @@ class Trainer:
         means of the objective ("loss") and of the cross-entropy ("ce")."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        c, model, last = self.config, self.model, self.family.last_exit
+        c, model, exit_losses = self.config, self.model, self.model.exit_losses
         # A frozen backbone has no backward to schedule: the model back-propagates its exit
         # branches during the forward, and the gradients are reduced below.
         forward_only = not train or model.backbone_frozen
         num_microbatches = c.num_microbatches
-        model.exit_loss_scales = [w / num_microbatches for w in weights]
-        model.recorded_losses = []
+        exit_losses.start_batch(weights, num_microbatches)
         batches = rank_microbatches(sampler, batch_index, c.train.global_batch_size,
                                     c.train.micro_batch_size, self.ps.get_data_parallel_rank(),
                                     self.ps.get_data_parallel_world_size())
@@ -124,9 +142,7 @@ class Trainer:
             output = wrapped(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
 
             def loss_func(loss_per_token):  # (B, T) cross-entropy of the last exit
-                loss = loss_per_token.float().mean()
-                model.recorded_losses.append((last, loss.detach(), loss.detach()))
-                return loss * weights[last], {}
+                return exit_losses.last_exit(loss_per_token), {}
 
             return output, loss_func
 
@@ -136,18 +152,11 @@ class Trainer:
             micro_batch_size=c.train.micro_batch_size, forward_only=forward_only)
         if train and forward_only:  # what the schedule does after a backward
             self.model.config.finalize_model_grads_func([self.ddp])
-        return self._reduce_exit_losses()
-
-    def _reduce_exit_losses(self) -> dict[str, list[float]]:
-        """Mean objective and CE per exit over micro-batches, pipeline stages and data-parallel ranks."""
-        sums = torch.zeros(3, self.family.num_exits, dtype=torch.float64)  # objective, ce, count
-        for k, objective, ce in self.model.recorded_losses:
-            sums[:, k] += torch.tensor([float(objective), float(ce), 1.0], dtype=torch.float64)
-        dist.all_reduce(sums, group=self.ps.get_pipeline_model_parallel_group())
-        dist.all_reduce(sums, group=self.ps.get_data_parallel_group())
-        return {"loss": (sums[0] / sums[2]).tolist(), "ce": (sums[1] / sums[2]).tolist()}
+        return exit_losses.reduced_means()
 
     def _clip_and_step(self, lr: float) -> float:
+        """Clip the gradients to `train.grad_clip` (global norm over model-parallel ranks) and
+        take an AdamW step at `lr`; returns the norm before clipping."""
         from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
@@ -164,6 +173,8 @@ class Trainer:
         return float(grad_norm)
 
     def train_step(self) -> dict:
+        """One optimizer step on the next global batch; returns its metrics line (per-exit
+        losses measured before the update, λ, learning rate, gradient norm, throughput)."""
         c = self.config
         started = time.perf_counter()
         self.ddp.zero_grad_buffer()
@@ -175,7 +186,7 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - started
         record = {"step": self.step, "loss": losses["loss"]}
-        if self.model.distills:  # the objective is no longer the CE: log both
+        if self.model.exit_losses.distills:  # the objective is no longer the CE: log both
             record["ce"] = losses["ce"]
         return {**record, "lambda": weights, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": c.train.global_batch_size * c.train.seq_len / elapsed}
@@ -219,6 +230,8 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------
 
     def run(self, stop_after: int | None) -> None:
+        """Train up to `train.steps` (or step `stop_after`), evaluating, checkpointing and
+        logging at the configured intervals; the last step reached is always checkpointed."""
         from tqdm import tqdm
 
         c = self.config
@@ -237,7 +250,7 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
             if self.step % c.checkpoint.interval == 0 or self.step == end:
                 checkpoint.save(self.run_dir, self.step, self.ddp.module, self.optimizer,
-                                extra={"last_metrics": record, "run": self.plan})
+                                extra={"last_metrics": record, "run": self.plan.to_dict()})
             self._log(record, bar)
         bar.close()
 
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--stop-after", type=int, default=None)
     args = parser.parse_args(argv)
-    trainer = Trainer(args.run_dir)
+    trainer = Trainer(RunPlan.load(args.run_dir), args.run_dir)
     try:
         trainer.run(args.stop_after)
     finally:

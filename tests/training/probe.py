@@ -14,7 +14,6 @@ backbone module ran. `losses` writes the per-exit objective and CE of step 0's b
 (`losses.json`), without updating anything.
 """
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from training.plan import RunPlan
 from training.schedules import exit_loss_weights
 from training.trainer import Trainer
 
@@ -67,7 +67,7 @@ def one_step(trainer: Trainer, out: Path) -> None:
 
 
 def main(run_dir: str, out_dir: str, mode: str, *extra: str) -> None:
-    trainer = Trainer(Path(run_dir))
+    trainer = Trainer(RunPlan.load(run_dir), Path(run_dir))
     out = Path(out_dir)
     writer = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
     if mode == "grads":
@@ -85,7 +85,7 @@ def main(run_dir: str, out_dir: str, mode: str, *extra: str) -> None:
         weights = exit_loss_weights(trainer.config, trainer.family.num_exits, 0)
         results = {}
         for alpha in extra[0].split(","):
-            trainer.model.exit_loss = dataclasses.replace(trainer.config.exit_loss, distill_alpha=float(alpha))
+            trainer.model.exit_losses.alpha = float(alpha)
             with torch.no_grad():
                 results[alpha] = trainer._forward_backward(trainer.train_sampler, 0, False, weights)
         if writer and ps.is_pipeline_last_stage():

@@ -4,7 +4,14 @@ import torch
 
 from builders import tiny_config
 from flow import Family
-from training.convert import Shard, family_to_megatron, fuse_qkv, megatron_to_family, split_qkv
+from training.convert import (
+    Shard,
+    family_to_megatron,
+    fuse_qkv,
+    megatron_to_family,
+    split_qkv,
+    with_fused_norm_names,
+)
 
 
 def test_fused_qkv_is_grouped_per_kv_head():
@@ -45,3 +52,19 @@ def test_pipeline_stages_hold_their_layers_and_exits():
     assert any(n.startswith("exit_branches.0.") for n in first)
     assert any(n.startswith("exit_branches.1.") for n in last)
     assert torch.equal(last["decoder.layers.0.input_layernorm.weight"], tensors["blocks.2.attn_norm.weight"])
+
+
+def test_norms_take_transformer_engines_fused_names_where_the_model_has_them():
+    config = tiny_config(vocab_size=128)
+    tensors = family_to_megatron(Family.random(config, seed=0).model.state_dict(), config, Shard())
+    assert with_fused_norm_names(tensors, tensors.keys()) == tensors  # the local spec: unchanged
+    fused_norms = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                   "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+    def te_name(name: str) -> str:
+        return next((name[: -len(p)] + f for p, f in fused_norms.items() if name.endswith(p)), name)
+
+    fused = with_fused_norm_names(tensors, {te_name(name) for name in tensors})
+    assert fused == {te_name(name): t for name, t in tensors.items()}
+    assert "decoder.layers.2.mlp.linear_fc1.layer_norm_weight" in fused  # blocks and exit branches
+    assert "exit_branches.0.layer.self_attention.linear_qkv.layer_norm_weight" in fused

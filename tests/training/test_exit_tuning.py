@@ -20,6 +20,7 @@ from flow.data.tokens import open_tokens
 from runs import flow, metrics, probe, write_config
 from training.convert import Shard, family_to_megatron
 from training.data import WindowSampler
+from training.plan import RunPlan
 
 DISTILL = {"distill_alpha": 0.5, "distill_temperature": 2.0}
 
@@ -50,7 +51,7 @@ def reference_objectives(family: Family, windows: torch.Tensor, alpha: float,
 
 def reference_gradients(run: Path, corpus: Path, alpha: float, temperature: float) -> tuple[FamilyConfig, dict]:
     """d(Σ_k objective_k)/d(every family tensor) at the run's first step, from its initial weights."""
-    config = FamilyConfig.from_dict(json.loads((run / "ckpt" / "train_config.json").read_text())["family"])
+    config = RunPlan.load(run / "ckpt").family
     family = Family.random(config, seed=0)  # the run's init: {source: random, seed: 0}
     objectives, _ = reference_objectives(family, first_batch(corpus), alpha, temperature)
     params = dict(family.model.named_parameters())
@@ -101,7 +102,7 @@ def test_distillation_losses_and_gradients_match_torch(corpus, tmp_path):
     flow("train", "--config", write_config(tmp_path, corpus, parallel={"tensor": 2}, exit_loss=DISTILL),
          "--prepare-only")
     out = probe(tmp_path, tmp_path / "probe", "losses", 2, "0,0.5,1")
-    config = FamilyConfig.from_dict(json.loads((tmp_path / "ckpt" / "train_config.json").read_text())["family"])
+    config = RunPlan.load(tmp_path / "ckpt").family
     family = Family.random(config, seed=0)
     losses = json.loads((out / "losses.json").read_text())
     with torch.no_grad():
