@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+from cloud.engine.config import EngineLimits
+from cloud.server_config import ServerConfig
 from flow.confidence import DEFAULT_THRESHOLDS, POLICIES
 
 
@@ -22,18 +25,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--from-exit", type=int, default=0,
                        help="the exit devices stop at (default 0); sessions may continue after any "
                             "exit, this one is checked at start")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free)")
-    serve.add_argument("--name", default="cloud", help="tier name reported to clients (default cloud)")
-    serve.add_argument("--max-sessions", type=int, default=64, help="KV cache slots (default 64)")
-    serve.add_argument("--max-context", type=int, default=2048,
-                       help="positions one session may hold, at most the family's context (default "
-                            "2048); the KV pool is allocated for max-sessions x max-context up front")
-    serve.add_argument("--max-rows", type=int, default=512, help="rows per request at most (default 512)")
-    serve.add_argument("--max-batch-rows", type=int, default=2048,
-                       help="rows one engine step takes at most (default 2048)")
-    serve.add_argument("--session-ttl", type=float, default=600.0,
-                       help="seconds an idle session is kept (default 600)")
+    add_flags(serve, ServerConfig)
+    add_flags(serve, EngineLimits)
     serve.add_argument("--to-exit", type=int, default=None,
                        help="make this an edge tier: answer at exit J when its confidence passes "
                             "--threshold, else forward to --next (default: run to the full model)")
@@ -50,7 +43,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                             "process")
     serve.add_argument("--bind", default=None,
                        help="ROUTER endpoint workers connect to (default an ipc:// path; "
-                            "tcp://0.0.0.0:5555 lets `python -m cloud.worker` join from other hosts)")
+                            "tcp://0.0.0.0:5555 lets `python -m cloud.engine.worker` join from "
+                            "other hosts)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
     serve.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -64,9 +58,26 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=run_serve)
 
 
+def add_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """A flag for each field of the dataclass `config_class` whose metadata names one: typed
+    and defaulted as the field, with its help and default."""
+    for spec in dataclasses.fields(config_class):
+        if "flag" in spec.metadata:
+            flag = spec.metadata["flag"]
+            default = f"{spec.default:g}" if isinstance(spec.default, float) else spec.default
+            parser.add_argument(flag, dest=spec.name, type=type(spec.default), default=spec.default,
+                                metavar=flag.lstrip("-").replace("-", "_").upper(),
+                                help=f"{spec.metadata['help']} (default {default})")
+
+
+def from_flags(config_class, args: argparse.Namespace, **others):
+    """`config_class` from the flags `add_flags` made, and `others` for the rest of its fields."""
+    flagged = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(config_class)
+               if "flag" in spec.metadata}
+    return config_class(**flagged, **others)
+
+
 def run_serve(args: argparse.Namespace) -> None:
-    from cloud.engine import EngineLimits
-    from cloud.server import ServerConfig
     from cloud.service import TierSpec, serve
     from flow.errors import ConfigError
 
@@ -78,14 +89,12 @@ def run_serve(args: argparse.Namespace) -> None:
         tokens = tuple(t.strip() for t in args.token_file.read_text().splitlines() if t.strip())
         if not tokens:
             raise ConfigError(f"{args.token_file} holds no token")
-    config = ServerConfig(
-        name=args.name, host=args.host, port=args.port, tokens=tokens,
+    config = from_flags(
+        ServerConfig, args, tokens=tokens,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         client_ca=args.client_ca.read_bytes() if args.client_ca else None)
-    limits = EngineLimits(max_sessions=args.max_sessions, max_rows_per_request=args.max_rows,
-                          max_batch_rows=args.max_batch_rows, session_ttl_s=args.session_ttl,
-                          max_context=args.max_context)
+    limits = from_flags(EngineLimits, args)
     next_token = (args.next_token_file.read_text().splitlines()[0].strip()
                   if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,

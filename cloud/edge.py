@@ -21,39 +21,50 @@ on with its drafts offline.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
-from cloud.server import TierService
+import numpy as np
+
+from cloud.engine.client import EngineClient
 from flow.confidence import ExitPolicy
 from flow.escalation import Escalation
-from flow.tier import Continuation, SessionLost, TierUnavailable
+from flow.tier import Continuation, NextTier, SamplingParams, SessionLost, TierUnavailable
 
 
-class EdgeService(TierService):
-    """`flow.v1.Tier` for a tier that stops at exit `to_exit` and forwards to `next_tier`."""
+class EdgeEngineClient:
+    """The `EngineClient` of an edge: `inner` (an engine client whose engine stops at exit
+    `to_exit`) answering when `exit_policy` accepts its exit, else `next_tier` answering.
 
-    def __init__(self, *args, next_tier, to_exit: int, exit_policy: ExitPolicy, hidden_size: int,
-                 max_seq_len: int, codec: str = "fp32", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.next_tier, self.to_exit, self.exit_policy = next_tier, to_exit, exit_policy
-        self.hidden_size, self.max_seq_len, self.codec = hidden_size, max_seq_len, codec
+    Sessions on the next tier continue after `to_exit`, for the family `family_hash` of
+    `hidden_size` and `max_seq_len`, with hand-off rows sent in `codec`.
+    """
+
+    def __init__(self, inner: EngineClient, next_tier: NextTier, exit_policy: ExitPolicy,
+                 family_hash: str, to_exit: int, hidden_size: int, max_seq_len: int,
+                 codec: str = "fp32"):
+        self.inner, self.next_tier, self.exit_policy = inner, next_tier, exit_policy
+        self.family_hash, self.to_exit, self.codec = family_hash, to_exit, codec
+        self.hidden_size, self.max_seq_len = hidden_size, max_seq_len
         self._escalations: dict[str, Escalation] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _escalation(self, session_id: str) -> Escalation:
-        if session_id not in self._escalations:
-            self._escalations[session_id] = Escalation(
-                self.next_tier, self.family_hash, self.to_exit, self.codec, self.hidden_size,
-                self.max_seq_len)
-        return self._escalations[session_id]
+    async def start(self) -> None:
+        await self.inner.start()
 
-    async def _continue(self, session_id: str, owner: str, start: int, rows, return_all: bool,
-                        top_k: int, rollback: bool) -> Continuation:
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
+        return await self.inner.open_session(owner, from_exit)
+
+    async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
+                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
         lock = self._locks.setdefault(session_id, asyncio.Lock())
         async with lock:  # one request at a time per session: the rows and frontier are shared
             try:
-                answer = await self.engine.continue_(session_id, owner, start, rows,
-                                                     return_all=return_all, top_k=top_k,
-                                                     rollback=rollback)
+                answer = await self.inner.continue_(session_id, owner, start, rows,
+                                                    return_all=return_all, top_k=top_k,
+                                                    rollback=rollback)
             except SessionLost:  # evicted or expired here: its rows upstream are stale too
                 self._forget(session_id)
                 raise
@@ -73,11 +84,30 @@ class EdgeService(TierService):
             return Continuation(forwarded.tokens[skip:], answer.frontier, forwarded.tier,
                                 forwarded.top_k[skip:] if return_all else forwarded.top_k)
 
-    async def _close(self, session_id: str, owner: str) -> None:
-        await super()._close(session_id, owner)
+    async def rollback(self, session_id: str, owner: str, position: int) -> int:
+        # The rows on the next tier follow on the session's next continue (`Escalation.keep`).
+        return await self.inner.rollback(session_id, owner, position)
+
+    async def close(self, session_id: str, owner: str) -> None:
+        await self.inner.close(session_id, owner)
         escalation = self._forget(session_id)
         if escalation is not None:
             await asyncio.to_thread(escalation.close)
+
+    def generate(self, owner: str, token_ids: list[int], max_new_tokens: int,
+                 sampling: SamplingParams, stop_ids: tuple[int, ...]) -> AsyncIterator[int]:
+        # An edge engine holds only its blocks: the inner client refuses (InvalidRequest).
+        return self.inner.generate(owner, token_ids, max_new_tokens, sampling, stop_ids)
+
+    async def stats(self) -> dict:
+        return await self.inner.stats()
+
+    def _escalation(self, session_id: str) -> Escalation:
+        if session_id not in self._escalations:
+            self._escalations[session_id] = Escalation(
+                self.next_tier, self.family_hash, self.to_exit, self.codec, self.hidden_size,
+                self.max_seq_len)
+        return self._escalations[session_id]
 
     def _forget(self, session_id: str) -> Escalation | None:
         self._locks.pop(session_id, None)

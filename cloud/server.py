@@ -17,12 +17,13 @@ import hashlib
 import hmac
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloud.engine.client import EngineClient
+from cloud.server_config import ServerConfig
 from flow.errors import HashMismatchError
 from flow.status import status_of
 from flow.tier import SamplingParams, TierError
@@ -32,21 +33,6 @@ from flow.wire import codec_name, tensor_to_rows
 log = logging.getLogger("flow.cloud")
 SERVICE_NAME = tier_pb2.DESCRIPTOR.services_by_name["Tier"].full_name
 ANONYMOUS = "anonymous"
-
-
-@dataclass
-class ServerConfig:
-    """How a tier serves: its name, who may call it, and over what transport."""
-
-    name: str = "cloud"
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 = any free port (tests)
-    tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty = no authentication
-    tls_key: bytes | None = None  # PEM; with tls_cert, serve TLS
-    tls_cert: bytes | None = None
-    client_ca: bytes | None = None  # PEM; require client certificates signed by it (mutual TLS)
-    max_message_bytes: int = 64 << 20
-    grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
 
 
 @contextlib.contextmanager
@@ -86,10 +72,11 @@ def _code_name(context) -> str:
 
 
 class TierService(tier_pb2_grpc.TierServicer):
-    """`flow.v1.Tier` for one family, over an engine client (in-process or worker processes)."""
+    """`flow.v1.Tier` for one family, over an engine client (`cloud.engine.client.EngineClient`:
+    in process, in worker processes, or an edge's that forwards to the next tier)."""
 
-    def __init__(self, engine, family_hash: str, vocab_size: int, config: ServerConfig,
-                 max_rows: int, metrics=None):
+    def __init__(self, engine: EngineClient, family_hash: str, vocab_size: int,
+                 config: ServerConfig, max_rows: int, metrics=None):
         from cloud.metrics import TierMetrics
 
         self.engine = engine
@@ -139,20 +126,11 @@ class TierService(tier_pb2_grpc.TierServicer):
         async with _status(context):
             rows = tensor_to_rows(request.hidden)
             self.metrics.rows_received.inc(len(rows))
-            answer = await self._continue(
+            answer = await self.engine.continue_(
                 request.session_id, owner, int(request.start), rows,
                 return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
                 rollback=request.rollback)
         return answer.to_pb(self.config.name)
-
-    async def _continue(self, session_id: str, owner: str, start: int, rows, return_all: bool,
-                        top_k: int, rollback: bool):
-        """The engine's answer to a continue (an edge tier adds forwarding)."""
-        return await self.engine.continue_(session_id, owner, start, rows, return_all=return_all,
-                                           top_k=top_k, rollback=rollback)
-
-    async def _close(self, session_id: str, owner: str) -> None:
-        await self.engine.close(session_id, owner)
 
     @_observed
     async def Rollback(self, request, context):
@@ -165,7 +143,7 @@ class TierService(tier_pb2_grpc.TierServicer):
     async def CloseSession(self, request, context):
         owner = await self._owner(context)
         async with _status(context):
-            await self._close(request.session_id, owner)
+            await self.engine.close(request.session_id, owner)
         return tier_pb2.CloseSessionResponse()
 
     @_observed_stream

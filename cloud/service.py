@@ -1,6 +1,7 @@
-"""Putting a tier together: family -> engine -> engine client -> gRPC server, and running it.
+"""Putting a tier together: family -> engine -> engine client (-> an edge's) -> gRPC server,
+and running it.
 
-`run(...)` serves until SIGINT/SIGTERM (what `flow serve` calls); `ServerThread` runs the same
+`serve(...)` serves until SIGINT/SIGTERM (what `flow serve` calls); `ServerThread` runs the same
 server on a background event loop in this process, for tests, benchmarks and the demo.
 """
 
@@ -14,9 +15,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud.engine.client import EngineClient
+from cloud.engine.config import EngineConfig, EngineLimits
 from cloud.metrics import TierMetrics
-from cloud.server import ServerConfig, TierServer, TierService
-from cloud.workers import WorkerPool
+from cloud.server import TierServer, TierService
+from cloud.server_config import ServerConfig
 
 log = logging.getLogger("flow.cloud")
 
@@ -27,7 +30,7 @@ class TierSpec:
 
     family_dir: Path
     from_exit: int
-    limits: object = None  # cloud.engine.EngineLimits; None = defaults
+    limits: EngineLimits | None = None  # None = defaults
     server: ServerConfig = field(default_factory=ServerConfig)
     workers: int = 0  # engine worker processes to spawn; 0 = the engine runs in this process
     endpoint: str | None = None  # ROUTER endpoint for workers (default: an ipc:// path)
@@ -42,16 +45,18 @@ class TierSpec:
     next_token: str | None = None
 
 
-def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
-    """The server and its engine client for `spec` (not started)."""
-    from cloud.engine import Engine, EngineLimits
-    from cloud.runner import InProcessEngine
+def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
+    """The server and its engine client for `spec` (neither started): the engine in this process
+    or in worker processes, wrapped by an edge's forwarding when the tier stops before the full
+    model."""
     from flow.errors import ConfigError
     from flow.family import Family
 
     family = family or Family.load(spec.family_dir)
     config = family.config
     config.check_exit(spec.from_exit)
+    if spec.to_exit is not None:
+        config.check_exit(spec.to_exit)  # here, not first in a worker process
     if spec.from_exit == config.last_exit:
         raise ConfigError(f"--from-exit {spec.from_exit} is the full model: nothing is left to serve "
                           f"after it; choose one of 0..{config.num_exits - 2}")
@@ -61,60 +66,46 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, object]:
     if edge and spec.next_address is None:
         raise ConfigError(f"--to-exit {spec.to_exit} stops before the full model: give --next "
                           f"HOST:PORT of the tier to forward to")
+    engine_config = EngineConfig(limits, to_exit=spec.to_exit if edge else None, policy=spec.policy)
     if spec.workers or spec.endpoint:
-        engine = WorkerPool(spec.endpoint or _ipc_endpoint(), family.family_hash(),
-                            on_step=metrics.observe_step)
+        from cloud.engine.multiprocess import MultiprocessEngineClient
+
+        engine = MultiprocessEngineClient(spec.endpoint or _ipc_endpoint(), family.family_hash(),
+                                          engine_config, spec.family_dir, spec.workers,
+                                          on_step=metrics.observe_step)
     else:
-        engine = InProcessEngine(Engine(family, limits=limits, to_exit=spec.to_exit if edge else None,
-                                        policy=spec.policy), on_step=metrics.observe_step)
-    common = (engine, family.family_hash(), config.vocab_size, spec.server)
+        from cloud.engine.core import Engine
+        from cloud.engine.in_process import InProcessEngineClient
+
+        engine = InProcessEngineClient(Engine.from_config(family, engine_config),
+                                       on_step=metrics.observe_step)
     if edge:
-        from cloud.edge import EdgeService
+        from cloud.edge import EdgeEngineClient
         from flow.confidence import ExitPolicy
         from flow.tier_client import GrpcTier
 
         next_tier = spec.next_address
         if isinstance(next_tier, str):
             next_tier = GrpcTier(next_tier, token=spec.next_token)
-        service = EdgeService(*common, max_rows=limits.max_rows_per_request, metrics=metrics,
-                              next_tier=next_tier, to_exit=spec.to_exit,
-                              exit_policy=ExitPolicy(spec.policy, spec.threshold),
-                              hidden_size=config.hidden_size, max_seq_len=config.max_seq_len)
-    else:
-        service = TierService(*common, max_rows=limits.max_rows_per_request, metrics=metrics)
+        engine = EdgeEngineClient(engine, next_tier, ExitPolicy(spec.policy, spec.threshold),
+                                  family.family_hash(), spec.to_exit, config.hidden_size,
+                                  config.max_seq_len)
+    service = TierService(engine, family.family_hash(), config.vocab_size, spec.server,
+                          max_rows=limits.max_rows_per_request, metrics=metrics)
     return TierServer(service, spec.server), engine
 
 
 def _ipc_endpoint() -> str:
-    import os
     import tempfile
 
     return f"ipc://{tempfile.gettempdir()}/flow-engine-{os.getpid()}-{id(object())}.sock"
-
-
-def _worker_args(spec: TierSpec) -> list[str]:
-    from cloud.engine import EngineLimits
-
-    limits = spec.limits or EngineLimits()
-    # Workers share the machine: split its cores between them rather than oversubscribe.
-    threads = max(1, (os.cpu_count() or 1) // max(1, spec.workers))
-    args = ["--max-sessions", str(limits.max_sessions), "--max-rows", str(limits.max_rows_per_request),
-            "--max-batch-rows", str(limits.max_batch_rows), "--session-ttl", str(limits.session_ttl_s),
-            "--max-context", str(limits.max_context), "--threads", str(threads)]
-    if spec.to_exit is not None:
-        args += ["--to-exit", str(spec.to_exit), "--policy", spec.policy]
-    return args
 
 
 async def serve(spec: TierSpec, ready=None, family=None) -> None:
     """Serve until cancelled or signalled; `ready(server)` is called once it listens."""
 
     server, engine = build(spec, family)
-    if isinstance(engine, WorkerPool):
-        engine.spawn(spec.family_dir, spec.workers, _worker_args(spec))
-        await engine.start(wait_for=spec.workers)
-    else:
-        await engine.start()
+    await engine.start()
     await server.start()
     metrics = server.service.metrics
     http = metrics.serve_http(spec.metrics_port, spec.server.host) if spec.metrics_port is not None \

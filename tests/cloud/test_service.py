@@ -1,4 +1,5 @@
-"""The tier's gRPC service on a real port, talked to through real channels."""
+"""The tier's gRPC service on a real port, talked to through real channels, over both engine
+clients: the engine in the server's process and in two worker processes (`workers`)."""
 
 import json
 import signal
@@ -28,12 +29,19 @@ PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 
 TOKEN = "s3cret-token"
 
 
+@pytest.fixture(scope="module", params=[0, 2], ids=["in-process", "2-workers"])
+def workers(request) -> int:
+    """Engine worker processes of every tier served here: 0 runs the engine in the server's
+    process (`InProcessEngineClient`), 2 in worker processes (`MultiprocessEngineClient`)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(device_family):
+def server(device_family, workers):
     """A served family with authentication, at a free port."""
     family_dir, family = device_family
     spec = TierSpec(family_dir, 0, EngineLimits(max_sessions=8, max_rows_per_request=64),
-                    ServerConfig(port=0, tokens=(TOKEN,)))
+                    ServerConfig(port=0, tokens=(TOKEN,)), workers=workers)
     with ServerThread(spec, family) as address:
         yield address
 
@@ -73,9 +81,10 @@ def test_generations_through_the_service_are_the_full_model(device_family, serve
 
 
 @pytest.fixture(scope="module")
-def agreeing_server(agreeing_family):
+def agreeing_server(agreeing_family, workers):
     family_dir, family = agreeing_family
-    with ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0)), family) as address:
+    with ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0), workers=workers),
+                      family) as address:
         yield address
 
 
@@ -103,11 +112,11 @@ def test_exit_mode_from_a_deeper_member_through_the_service(device_family, serve
 
 
 @pytest.fixture(scope="module")
-def narrow_server(device_family):
+def narrow_server(device_family, workers):
     """A served family that takes at most 3 hand-off rows per request."""
     family_dir, family = device_family
     spec = TierSpec(family_dir, 0, EngineLimits(max_sessions=4, max_rows_per_request=3),
-                    ServerConfig(port=0))
+                    ServerConfig(port=0), workers=workers)
     with ServerThread(spec, family) as address:
         yield address
 
@@ -326,9 +335,10 @@ def test_random_bytes_and_shapes_never_break_the_server(device_family, stub, pay
     stub.CloseSession(tier_pb2.CloseSessionRequest(session_id=fresh.session_id), metadata=AUTH)
 
 
-def test_flow_serve_process_serves_and_stops_cleanly(device_family):
+def test_flow_serve_process_serves_and_stops_cleanly(device_family, workers):
     family_dir, family = device_family
-    process, address = start_flow_serve(family_dir, 0, "--from-exit", "0", "--log-format", "json")
+    process, address = start_flow_serve(family_dir, 0, "--from-exit", "0", "--log-format", "json",
+                                        "--workers", workers)
     try:
         tier = GrpcTier(address)
         client = DeviceClient(family_dir, exit=0, cloud=tier, mode="exit", threshold=1.5)
@@ -354,12 +364,12 @@ def self_signed(directory) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
-def test_tls_and_mutual_tls(device_family, tmp_path, mutual):
+def test_tls_and_mutual_tls(device_family, workers, tmp_path, mutual):
     family_dir, family = device_family
     key, cert = self_signed(tmp_path)
     config = ServerConfig(host="localhost", port=0, tls_key=key, tls_cert=cert,
                           client_ca=cert if mutual else None)
-    with ServerThread(TierSpec(family_dir, 0, None, config), family) as address:
+    with ServerThread(TierSpec(family_dir, 0, None, config, workers=workers), family) as address:
         client_identity = {"private_key": key, "certificate_chain": cert} if mutual else {}
         tier = GrpcTier(address, root_certificates=cert, timeout=10, **client_identity)
         client = DeviceClient(family_dir, exit=0, cloud=tier, mode="exit", threshold=1.5)
@@ -373,11 +383,11 @@ def test_tls_and_mutual_tls(device_family, tmp_path, mutual):
                 other.open(family.family_hash(), 0)
 
 
-def test_metrics_count_requests_codes_rows_and_engine_state(device_family):
+def test_metrics_count_requests_codes_rows_and_engine_state(device_family, workers):
     import urllib.request
 
     family_dir, family = device_family
-    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0))
+    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0), workers=workers)
     spec.metrics_port = 0
     thread = ServerThread(spec, family)
     address = thread.start()
@@ -400,9 +410,10 @@ def test_metrics_count_requests_codes_rows_and_engine_state(device_family):
     assert "flow_engine_batch_rows_count" in text and "flow_engine_kv_bytes_total" in text
 
 
-def test_a_session_answers_only_the_identity_that_opened_it(device_family):
+def test_a_session_answers_only_the_identity_that_opened_it(device_family, workers):
     family_dir, family = device_family
-    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0, tokens=("alice-token", "bob-token")))
+    spec = TierSpec(family_dir, 0, None, ServerConfig(port=0, tokens=("alice-token", "bob-token")),
+                    workers=workers)
     with ServerThread(spec, family) as address:
         channel = grpc.insecure_channel(address)
         stub = tier_pb2_grpc.TierStub(channel)
@@ -470,7 +481,10 @@ def stream_in_flight_at_shutdown(device_family, resume_worker: bool, grace_s: fl
 
 def test_shutdown_lets_a_stream_in_flight_finish_within_the_grace_period(device_family):
     """Catches: a shutdown that cuts streams short although they could finish in the grace
-    period, or that finishes them with wrong or missing tokens."""
+    period, or that finishes them with wrong or missing tokens.
+
+    Worker processes only: holding the stream in flight means stopping its engine (SIGSTOP of
+    the worker), which an engine thread in the server's own process cannot be."""
     outcome, _ = stream_in_flight_at_shutdown(device_family, resume_worker=True, grace_s=20.0)
     assert "error" not in outcome, (len(outcome["tokens"]), outcome.get("error"))
     assert outcome["tokens"] == greedy(device_family[1], 2, [1, 2, 3], 24)
@@ -479,7 +493,9 @@ def test_shutdown_lets_a_stream_in_flight_finish_within_the_grace_period(device_
 def test_shutdown_ends_a_stream_that_cannot_finish_as_unavailable(device_family):
     """Catches: a shutdown that waits forever on a stream, or ends it as a success with partial
     output: past the grace period the stream must end with UNAVAILABLE (`TierUnavailable`, the
-    documented "go on without the tier" error), within seconds."""
+    documented "go on without the tier" error), within seconds.
+
+    Worker processes only, as the test above (the engine is held by SIGSTOP of its worker)."""
     outcome, seconds = stream_in_flight_at_shutdown(device_family, resume_worker=False, grace_s=1.0)
     assert outcome["tokens"] == [] and isinstance(outcome.get("error"), TierUnavailable), outcome
     assert seconds < 5

@@ -1,5 +1,6 @@
 """The same service with its engine in worker processes behind ZeroMQ, and under concurrency."""
 
+import asyncio
 import os
 import signal
 import threading
@@ -8,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cloud.engine import EngineLimits
+from cloud.engine import EngineConfig, EngineLimits
+from cloud.engine.multiprocess import MultiprocessEngineClient
 from cloud.server import ServerConfig
 from cloud.service import ServerThread, TierSpec
 from device import DeviceClient
+from flow.tier import TierUnavailable
 from flow.tier_client import GrpcTier
 from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative
 
@@ -111,3 +114,16 @@ def test_a_worker_killed_mid_call_costs_one_offline_token_and_a_replay(device_fa
             assert step.tier == ("device" if step.offline else "cloud")
     finally:
         thread.stop()
+
+
+def test_a_worker_that_cannot_build_its_engine_says_why(device_family, tmp_path):
+    """Catches: a front end that waits out its start timeout (or serves without the worker) when
+    a worker cannot build its engine from the config it was sent, instead of naming why."""
+    family_dir, family = device_family
+    client = MultiprocessEngineClient(f"ipc://{tmp_path}/engine.sock", family.family_hash(),
+                                      EngineConfig(policy="no-such-policy"), family_dir,
+                                      local_workers=1)
+    began = time.monotonic()
+    with pytest.raises(TierUnavailable, match="no-such-policy"):
+        asyncio.run(client.start())
+    assert time.monotonic() - began < 60

@@ -1,12 +1,9 @@
-"""The engine in a thread of the serving process, behind an asyncio facade.
+"""`InProcessEngineClient`: the engine on a thread of the serving process, behind coroutines.
 
-`cloud.engine.Engine` is a plain steppable class and not thread-safe. `EngineThread` owns it:
+`cloud.engine.core.Engine` is a plain steppable class and not thread-safe. `EngineThread` owns it:
 the gRPC front end (asyncio) posts commands into a queue, and the engine thread runs them between
 `step()`s, so an engine step never blocks the event loop and no lock is held across one. Results
 come back to the loop through `call_soon_threadsafe`.
-
-`InProcessEngine` is the engine client the front end talks to; the ZeroMQ worker client offers
-the same coroutines.
 """
 
 from __future__ import annotations
@@ -18,6 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
+
+from cloud.engine.core import Engine
+from flow.tier import Continuation, SamplingParams
+
 _IDLE_WAIT_S = 0.5  # how often an idle engine thread wakes to expire idle sessions
 _NOTHING = object()
 
@@ -25,7 +27,7 @@ _NOTHING = object()
 class EngineThread:
     """Runs commands and engine steps on one dedicated thread."""
 
-    def __init__(self, engine, on_step: Callable[[int, float], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[int, float], None] | None = None):
         self.engine = engine
         self.on_step = on_step  # (rows, seconds) of every step, for metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -38,8 +40,8 @@ class EngineThread:
         self._commands.put(None)
         self._thread.join(timeout)
 
-    def post(self, command: Callable[[Any], Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """Run `command(engine)` on the engine thread; a future of its result on `loop`."""
+    def post(self, command: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Run `command()` on the engine thread; a future of its result on `loop`."""
         future = loop.create_future()
         self._commands.put((command, future, loop))
         return future
@@ -87,10 +89,10 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
-class InProcessEngine:
-    """Coroutines over an `Engine` run by an `EngineThread` in this process."""
+class InProcessEngineClient:
+    """The `EngineClient` of an `Engine` run by an `EngineThread` in this process."""
 
-    def __init__(self, engine, on_step: Callable[[int, float], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[int, float], None] | None = None):
         self.engine = engine
         self.thread = EngineThread(engine, on_step)
 
@@ -107,8 +109,8 @@ class InProcessEngine:
     async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
         return await self._call(self.engine.open_session, owner, from_exit)
 
-    async def continue_(self, session_id: str, owner: str, start: int, rows, return_all: bool,
-                        top_k: int, rollback: bool):
+    async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
+                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
         on_done = lambda work: loop.call_soon_threadsafe(_settle, finished, work, None)  # noqa: E731
@@ -129,7 +131,8 @@ class InProcessEngine:
     async def close(self, session_id: str, owner: str) -> None:
         await self._call(self.engine.close, session_id, owner)
 
-    async def generate(self, owner: str, token_ids: list[int], max_new_tokens: int, sampling,
+    async def generate(self, owner: str, token_ids: list[int], max_new_tokens: int,
+                       sampling: SamplingParams,
                        stop_ids: tuple[int, ...]) -> AsyncIterator[int]:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()

@@ -1,12 +1,13 @@
-"""The front end's side of the engine workers: ZeroMQ ROUTER, routing, liveness.
+"""`MultiprocessEngineClient`: engines in worker processes, behind a ZeroMQ ROUTER.
 
-`WorkerPool` offers the coroutines of `cloud.runner.InProcessEngine`, so the gRPC front end does
-not know whether its engine is a thread or N processes. It binds a ROUTER (`ipc://` on one host,
-`tcp://` across hosts), admits workers that say HELLO with the right family hash, places each new
-session on the worker with the fewest, and routes that session's requests to it. A worker is dead
-when its process exits or nothing (reply or heartbeat) came from it for `dead_after_s`: its
-pending calls fail with `TierUnavailable` (UNAVAILABLE) and its sessions are forgotten, so their
-next request gets NOT_FOUND and the device replays onto a live worker.
+The front end binds a ROUTER (`ipc://` on one host, `tcp://` across hosts), starts its local
+workers (`python -m cloud.engine.worker`), and admits every worker that says HELLO with the right
+family hash: it sends it the tier's `EngineConfig` and counts it once it reports READY
+(`cloud.engine.frames`). It places each new session on the worker with the fewest and routes that
+session's requests to it. A worker is dead when its process exits or nothing (reply or heartbeat)
+came from it for `dead_after_s`: its pending calls fail with `TierUnavailable` (UNAVAILABLE) and
+its sessions are forgotten, so their next request gets NOT_FOUND and the device replays onto a
+live worker.
 """
 
 from __future__ import annotations
@@ -15,15 +16,21 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloud.worker import error_from_header, error_header, pack, unpack
-from flow.tier import SessionLost, TierUnavailable
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from cloud.engine.config import EngineConfig
+from cloud.engine.frames import error_from_header, error_header, pack, unpack
+from flow.tier import Continuation, SamplingParams, SessionLost, TierUnavailable
 
 log = logging.getLogger("flow.cloud.workers")
 
@@ -39,16 +46,27 @@ class _Worker:
     stats: dict = field(default_factory=dict)  # its engine's stats() at the last heartbeat
 
 
-class WorkerPool:
-    """Engine workers behind a ROUTER socket, used through asyncio coroutines."""
+class MultiprocessEngineClient:
+    """The `EngineClient` of engine workers behind a ROUTER socket at `endpoint`.
 
-    def __init__(self, endpoint: str, family_hash: str, dead_after_s: float = 3.0, on_step=None):
-        self.endpoint, self.family_hash, self.dead_after_s = endpoint, family_hash, dead_after_s
+    `start()` spawns `local_workers` worker processes for the family in `family_dir` (splitting
+    this host's cores between them) and waits until they are ready; more workers may join from
+    other hosts at any time (`python -m cloud.engine.worker FAMILY --connect ENDPOINT`).
+    """
+
+    def __init__(self, endpoint: str, family_hash: str, config: EngineConfig,
+                 family_dir: Path | None = None, local_workers: int = 0, dead_after_s: float = 3.0,
+                 start_timeout_s: float = 120.0,
+                 on_step: Callable[[int, float], None] | None = None):
+        self.endpoint, self.family_hash, self.config = endpoint, family_hash, config
+        self.family_dir, self.local_workers = family_dir, local_workers
+        self.dead_after_s, self.start_timeout_s = dead_after_s, start_timeout_s
         self.on_step = on_step  # (rows, seconds) of every worker step, for metrics
         self.workers: dict[bytes, _Worker] = {}
         self.placement: dict[str, bytes] = {}  # session id -> worker identity
+        self._joining: set[bytes] = set()  # said HELLO, not READY yet
+        self._refusals: list[str] = []  # why workers could not build their engines
         self._calls: dict[int, asyncio.Future | asyncio.Queue] = {}
-        self._owners: dict[int, bytes] = {}
         self._ids = itertools.count(1)
         self._processes: list[subprocess.Popen] = []
         self._tasks: list[asyncio.Task] = []
@@ -56,36 +74,44 @@ class WorkerPool:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def spawn(self, family_dir: Path, count: int, extra_args: list[str] = ()) -> None:
-        """Start `count` local worker processes connecting to this pool."""
-        for _ in range(count):
-            self._processes.append(subprocess.Popen(
-                [sys.executable, "-m", "cloud.worker", str(family_dir), "--connect", self.endpoint,
-                 *extra_args]))
-
-    async def start(self, wait_for: int = 0, timeout: float = 120.0) -> None:
-        import zmq
-        import zmq.asyncio
-
+    async def start(self) -> None:
         self.context = zmq.asyncio.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(self.endpoint)
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
-        deadline = time.monotonic() + timeout
-        while len(self.workers) < wait_for:
+        self._spawn()
+        try:
+            await self._wait_for_local_workers()
+        except BaseException:
+            await self.stop()  # the workers that did start go too
+            raise
+
+    async def _wait_for_local_workers(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while len(self.workers) < self.local_workers:
+            if self._refusals:
+                raise TierUnavailable(f"an engine worker could not start: {self._refusals[0]}")
             if time.monotonic() > deadline:
-                raise TierUnavailable(f"only {len(self.workers)} of {wait_for} workers joined "
-                                      f"{self.endpoint} within {timeout:.0f} s")
+                raise TierUnavailable(f"only {len(self.workers)} of {self.local_workers} workers "
+                                      f"joined {self.endpoint} within {self.start_timeout_s:.0f} s")
             self._joined.clear()
             try:
                 await asyncio.wait_for(self._joined.wait(), 1.0)
             except TimeoutError:
                 pass
 
+    def _spawn(self) -> None:
+        # Workers share the machine: split its cores between them rather than oversubscribe.
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.local_workers))
+        for _ in range(self.local_workers):
+            self._processes.append(subprocess.Popen(
+                [sys.executable, "-m", "cloud.engine.worker", str(self.family_dir),
+                 "--connect", self.endpoint, "--threads", str(threads)]))
+
     async def stop(self) -> None:
-        for worker in list(self.workers.values()):
-            await self.socket.send_multipart([worker.identity, *pack({"op": "shutdown"})])
+        for identity in [*self.workers, *self._joining]:
+            await self.socket.send_multipart([identity, *pack({"op": "shutdown"})])
         for task in self._tasks:
             task.cancel()
         for process in self._processes:
@@ -105,6 +131,9 @@ class WorkerPool:
                 header["answer"] = answer
             op = header.get("op")
             if op == "hello":
+                await self._welcome(identity, header)
+                continue
+            if op == "ready":
                 self._admit(identity, header)
                 continue
             worker = self.workers.get(identity)
@@ -119,11 +148,27 @@ class WorkerPool:
                 continue
             self._deliver(worker, header)
 
-    def _admit(self, identity: bytes, header: dict) -> None:
+    async def _welcome(self, identity: bytes, header: dict) -> None:
+        """A worker's HELLO: the tier's engine config if it serves this family, else goodbye."""
         if header.get("family_hash") != self.family_hash:
             log.error("worker pid %s serves another family (%s…); sending it away",
                       header.get("pid"), str(header.get("family_hash"))[:16])
-            asyncio.ensure_future(self.socket.send_multipart([identity, *pack({"op": "shutdown"})]))
+            await self.socket.send_multipart([identity, *pack({"op": "shutdown"})])
+            return
+        self._joining.add(identity)
+        await self.socket.send_multipart(
+            [identity, *pack({"op": "welcome", "engine": self.config.to_dict()})])
+
+    def _admit(self, identity: bytes, header: dict) -> None:
+        """A worker's READY: it serves from now on (or it says why it cannot, and exits)."""
+        if identity not in self._joining:
+            return  # never welcomed: not one of ours
+        self._joining.discard(identity)
+        if "error" in header:
+            why = str(error_from_header(header))
+            log.error("worker pid %s could not build its engine: %s", header.get("pid"), why)
+            self._refusals.append(why)
+            self._joined.set()
             return
         process = next((p for p in self._processes if p.pid == header.get("pid")), None)
         self.workers[identity] = _Worker(identity, header.get("pid", -1), process=process)
@@ -149,7 +194,6 @@ class WorkerPool:
 
     def _finish(self, rid: int, worker: _Worker) -> None:
         self._calls.pop(rid, None)
-        self._owners.pop(rid, None)
         worker.pending.discard(rid)
 
     # ---- liveness -----------------------------------------------------------------------------
@@ -190,7 +234,8 @@ class WorkerPool:
                               "session and replay from position 0")
         return self.workers[identity]
 
-    async def _request(self, worker: _Worker, header: dict, rows=None, stream: bool = False):
+    async def _request(self, worker: _Worker, header: dict, rows: np.ndarray | None = None,
+                       stream: bool = False):
         rid = next(self._ids)
         target = asyncio.Queue() if stream else asyncio.get_running_loop().create_future()
         self._calls[rid] = target
@@ -198,7 +243,7 @@ class WorkerPool:
         await self.socket.send_multipart([worker.identity, *pack({**header, "id": rid}, rows)])
         return rid, target
 
-    async def _ask(self, worker: _Worker, header: dict, rows=None) -> dict:
+    async def _ask(self, worker: _Worker, header: dict, rows: np.ndarray | None = None) -> dict:
         rid, future = await self._request(worker, header, rows)
         try:
             return await future
@@ -219,25 +264,28 @@ class WorkerPool:
         worker.sessions.add(answer["session_id"])
         return answer["session_id"], answer["frontier"]
 
-    async def continue_(self, session_id, owner, start, rows, return_all, top_k, rollback):
+    async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
+                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
         worker = self._worker_of(session_id)
         answer = await self._ask(worker, {"op": "continue", "session_id": session_id, "owner": owner,
                                           "start": start, "return_all": return_all, "top_k": top_k,
                                           "rollback": rollback}, rows)
         return answer["answer"]
 
-    async def rollback(self, session_id, owner, position) -> int:
+    async def rollback(self, session_id: str, owner: str, position: int) -> int:
         answer = await self._ask(self._worker_of(session_id), {
             "op": "rollback", "session_id": session_id, "owner": owner, "position": position})
         return answer["frontier"]
 
-    async def close(self, session_id, owner) -> None:
+    async def close(self, session_id: str, owner: str) -> None:
         worker = self._worker_of(session_id)
         await self._ask(worker, {"op": "close", "session_id": session_id, "owner": owner})
         worker.sessions.discard(session_id)
         self.placement.pop(session_id, None)
 
-    async def generate(self, owner, token_ids, max_new_tokens, sampling, stop_ids) -> AsyncIterator[int]:
+    async def generate(self, owner: str, token_ids: list[int], max_new_tokens: int,
+                       sampling: SamplingParams,
+                       stop_ids: tuple[int, ...]) -> AsyncIterator[int]:
         worker = self._choose()
         rid, stream = await self._request(worker, {
             "op": "generate", "owner": owner, "token_ids": token_ids, "max_new_tokens": max_new_tokens,

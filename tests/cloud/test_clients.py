@@ -1,0 +1,53 @@
+"""The engine clients keep one interface, and the engine's config reaches every worker whole."""
+
+import argparse
+import dataclasses
+import inspect
+
+import pytest
+
+from cloud.cli import add_flags, from_flags
+from cloud.edge import EdgeEngineClient
+from cloud.engine import EngineConfig, EngineLimits
+from cloud.engine.client import EngineClient
+from cloud.engine.in_process import InProcessEngineClient
+from cloud.engine.multiprocess import MultiprocessEngineClient
+from flow.errors import ConfigError
+
+CALLS = [name for name, call in vars(EngineClient).items()
+         if callable(call) and not name.startswith("_")]
+
+
+@pytest.mark.parametrize("client", [InProcessEngineClient, MultiprocessEngineClient, EdgeEngineClient])
+def test_every_engine_client_answers_every_call_of_the_protocol(client):
+    """Catches: a client with a call missing, its parameters named or ordered otherwise, or sync
+    where the protocol awaits (the front end would fail only when that call comes)."""
+    assert set(CALLS) == {"start", "stop", "open_session", "continue_", "rollback", "close",
+                          "generate", "stats"}
+    for name in CALLS:
+        declared, implemented = getattr(EngineClient, name), getattr(client, name)
+        assert list(inspect.signature(implemented).parameters) == \
+            list(inspect.signature(declared).parameters), name
+        assert inspect.iscoroutinefunction(implemented) == inspect.iscoroutinefunction(declared), name
+
+
+def test_serve_flags_are_the_engine_limits_with_their_defaults():
+    """Catches: a limit without its flag, a flag whose default is not the limit's, a value that
+    lands in another field."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser, EngineLimits)
+    assert from_flags(EngineLimits, parser.parse_args([])) == EngineLimits()
+    args = parser.parse_args(["--max-sessions", "3", "--max-rows", "5", "--max-batch-rows", "7",
+                              "--session-ttl", "1.5", "--max-context", "11"])
+    assert from_flags(EngineLimits, args) == EngineLimits(3, 5, 7, 1.5, 11)
+    assert all("flag" in field.metadata for field in dataclasses.fields(EngineLimits))
+    assert "(default 600)" in parser.format_help()
+
+
+def test_an_engine_config_travels_whole_and_a_bad_one_is_named():
+    config = EngineConfig(EngineLimits(max_sessions=3, session_ttl_s=2.5), to_exit=1, policy="margin")
+    assert EngineConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="max_sessions"):
+        EngineConfig.from_dict({**config.to_dict(), "limits": {"max_sessions": 0}})
+    with pytest.raises(ConfigError, match="not an engine config"):
+        EngineConfig.from_dict({"limits": {"slots": 3}, "to_exit": None, "policy": "max_prob"})
