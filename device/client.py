@@ -31,6 +31,7 @@ has seen stays part of the sequence.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import numpy as np
 
 from device.member import MemberSession
 from device.text import TextStream
-from flow.artifact import TOKENIZER_FILE, calibration_path, member_path, read_manifest
+from flow.artifact import TOKENIZER_FILE, calibration_path, check_member_file, member_path, read_manifest
 from flow.confidence import ExitPolicy
 from flow.data.tokenizer import token_ids
 from flow.errors import ConfigError, FlowError
@@ -49,6 +50,7 @@ from flow.sampling import Sampler, check_sampling
 from flow.tier import MODES, Continuation, NextTier, SamplingParams, TierUnavailable
 
 DEVICE = "device"
+log = logging.getLogger("flow.device")
 
 
 class CloudRequiredError(FlowError):
@@ -130,7 +132,9 @@ class DeviceClient:
         self.codec = codec
         self.require_cloud = require_cloud
         self.retry_interval = retry_interval
-        self.member = MemberSession(member_path(family_dir, self.exit, int8), providers=providers,
+        path = member_path(family_dir, self.exit, int8)
+        check_member_file(self.manifest, self.exit, path)
+        self.member = MemberSession(path, providers=providers,
                                     intra_op_threads=intra_op_threads,
                                     family_hash=self.manifest.family_hash, exit=self.exit)
         self.max_seq_len = self.member.max_seq_len
@@ -192,13 +196,21 @@ class DeviceClient:
     def _calibrated_threshold(self, family_dir: Path, policy: str) -> float | None:
         """The member's `calibration.json` threshold for `policy`, if it calibrated these weights."""
         path = calibration_path(family_dir, self.exit)
-        if path.is_file():
+        if not path.is_file():
+            return None
+        try:
             calibration = json.loads(path.read_text())
-            # a calibration of other weights says nothing about these
-            if calibration.get("family_hash") == self.manifest.family_hash and \
-                    policy in calibration.get("thresholds", {}):
-                return float(calibration["thresholds"][policy])
-        return None
+            recorded, thresholds = calibration["family_hash"], calibration["thresholds"]
+            threshold = float(thresholds[policy]) if policy in thresholds else None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not a calibration flow wrote ({err!r}); run "
+                              f"`flow calibrate` again or delete it") from None
+        if recorded != self.manifest.family_hash:  # a calibration of another model says nothing here
+            log.warning("%s was made for another family (%s…, this one is %s…); using the %s "
+                        "policy's default threshold. Run `flow calibrate` again.", path,
+                        str(recorded)[:12], self.manifest.family_hash[:12], policy)
+            return None
+        return threshold
 
     def _load_tokenizer(self, family_dir: Path):
         path = family_dir / TOKENIZER_FILE

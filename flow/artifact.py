@@ -1,13 +1,16 @@
 """The family artifact on disk (DESIGN.md §2), readable without torch.
 
-    family.json            architecture, exits, tokenizer, provenance, format version, weights hash
+    family.json            architecture, exits, tokenizer, provenance, format version, weights
+                           hash, and the SHA-256 of every exported member file
     weights.safetensors    every tensor, under the names of `expected_tensors(config)`
     tokenizer.json         a `tokenizers` tokenizer (optional for test families)
     members/<k>/...        exported device parts (written by `flow export-onnx`)
 
-The *family hash* is a SHA-256 over the weights' names, dtypes, shapes and bytes in name order.
+The *weights hash* is a SHA-256 over the weights' names, dtypes, shapes and bytes in name order.
 It does not depend on how the file is laid out, so it can be computed from tensors in memory or
-from the file, and every tier can compare it with a peer's.
+from the file. The *family hash*, the identity every tier and device member compares, covers the
+architecture as well (`family_hash`): two families with equal weights but another `rope_theta`,
+norm epsilon, exits or context compute different models, and their hashes differ.
 """
 
 from __future__ import annotations
@@ -70,8 +73,16 @@ def expected_tensors(config: FamilyConfig) -> dict[str, tuple[int, ...]]:
 TensorEntry = tuple[str, str, tuple[int, ...], memoryview | bytes]  # name, dtype code, shape, bytes
 
 
+def family_hash(config: FamilyConfig, weights_sha256: str) -> str:
+    """The family's identity: SHA-256 of its architecture (canonical JSON) and its weights hash."""
+    sha = hashlib.sha256(b"familial-flow family hash v2\n")
+    sha.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
+    sha.update(weights_sha256.encode())
+    return sha.hexdigest()
+
+
 def digest_tensors(entries: Iterable[TensorEntry]) -> str:
-    """The family hash of tensors given as (name, safetensors dtype, shape, raw bytes)."""
+    """The weights hash of tensors given as (name, safetensors dtype, shape, raw bytes)."""
     sha = hashlib.sha256()
     for name, dtype, shape, data in sorted(entries, key=lambda entry: entry[0]):
         sha.update(json.dumps([name, dtype, list(shape), len(data)]).encode())
@@ -94,7 +105,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def digest_safetensors(path: Path) -> str:
-    """The family hash of a safetensors file, read through mmap without torch."""
+    """The weights hash of a safetensors file, read through mmap without torch."""
     header = read_safetensors_header(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         start = 8 + struct.unpack("<Q", data[:8])[0]
@@ -134,10 +145,17 @@ class FamilyManifest:
     weights_dtype: str
     tokenizer: TokenizerInfo | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # exit (as a string) -> {file name: SHA-256} of the member files `flow export-onnx` wrote
+    members: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def member_sha256(self, exit: int, file_name: str) -> str | None:
+        """The recorded hash of member `exit`'s `file_name`, None if none was recorded."""
+        return self.members.get(str(exit), {}).get(file_name)
 
     @property
     def family_hash(self) -> str:
-        return self.weights_sha256
+        """The identity of architecture and weights (`flow.artifact.family_hash`)."""
+        return family_hash(self.config, self.weights_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +166,7 @@ class FamilyManifest:
                         "dtype": self.weights_dtype},
             "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
             "provenance": self.provenance,
+            "members": self.members,
         }
 
     @classmethod
@@ -168,10 +187,12 @@ class FamilyManifest:
                 tokenizer=TokenizerInfo(tokenizer["name"], tokenizer["sha256"],
                                         tuple(tokenizer.get("stop_tokens", (EOS_TOKEN,))))
                 if tokenizer else None,
-                provenance=dict(data.get("provenance") or {}))
+                provenance=dict(data.get("provenance") or {}),
+                members={str(k): {str(f): str(h) for f, h in files.items()}
+                         for k, files in (data.get("members") or {}).items()})
         except ConfigError as err:
             raise ArtifactError(f"{where}: inconsistent architecture: {err}") from None
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise ArtifactError(f"{where}: malformed manifest, missing or bad field {err}") from None
 
 
@@ -251,7 +272,35 @@ def check_tensor_shapes(header: dict[str, Any], config: FamilyConfig, where: Pat
 
 
 def write_manifest(path: Path, manifest: FamilyManifest) -> None:
-    (path / FAMILY_JSON).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    """Write family.json into directory `path` (a temporary file renamed over the old one)."""
+    from flow.fsutil import atomic_file
+
+    with atomic_file(Path(path) / FAMILY_JSON) as tmp:
+        tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def record_member_files(family_dir: Path | str, exit: int, paths: Iterable[Path]) -> None:
+    """Record the SHA-256 of member `exit`'s files `paths` in the family's manifest."""
+    family_dir = Path(family_dir)
+    manifest = read_manifest(family_dir, verify=False)
+    files = manifest.members.setdefault(str(exit), {})
+    files.update({Path(p).name: file_sha256(Path(p)) for p in paths})
+    write_manifest(family_dir, manifest)
+
+
+def check_member_file(manifest: FamilyManifest, exit: int, path: Path) -> None:
+    """Raise `ArtifactError` unless `path` is the member file `flow export-onnx` recorded for
+    member `exit` in `manifest` (a corrupt, replaced or foreign member would run and produce
+    garbage)."""
+    expected = manifest.member_sha256(exit, Path(path).name)
+    if expected is None:
+        raise ArtifactError(f"family.json records no hash for {path}; export the member with "
+                            f"`flow export-onnx` (or copy family.json from where it was exported)")
+    actual = file_sha256(Path(path))
+    if actual != expected:
+        raise HashMismatchError(f"{path} is not the member that was exported (SHA-256 {actual[:16]}…, "
+                                f"family.json records {expected[:16]}…): it was changed, corrupted "
+                                f"or replaced; export it again or copy it from its source")
 
 
 def file_sha256(path: Path) -> str:

@@ -15,6 +15,12 @@ from typing import Any
 from flow.architectures import DEFAULT_ARCHITECTURE, Architecture, architecture
 from flow.errors import ConfigError
 
+# Upper bounds of the sizes: far above any model flow runs (SmolLM2: 30 layers, hidden 576), low
+# enough that a typo or a hostile family.json fails here in one line instead of allocating.
+_SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+                "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024,
+                "max_seq_len": 1 << 21}
+
 
 @dataclass(frozen=True)
 class FamilyConfig:
@@ -41,11 +47,13 @@ class FamilyConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first inconsistency and how to fix it."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_seq_len"):
+        for name, most in _SIZE_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > most:
+                raise ConfigError(f"{name} = {value} is beyond what any family here can hold "
+                                  f"(at most {most}); check the architecture")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -60,8 +68,12 @@ class FamilyConfig:
             raise ConfigError(
                 f"exits {list(self.exits)} must lie in 0..{self.num_layers - 1} and end with the "
                 f"backbone's last layer {self.num_layers - 1} (the full model is the deepest member)")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-            raise ConfigError("rope_theta and rms_norm_eps must be positive")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            # `not value > 0` also refuses NaN, which compares false with everything
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+                    or value == float("inf"):
+                raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
         architecture(self.architecture)
 
     @property

@@ -153,7 +153,7 @@ class Family:
                      tokenizer_name=manifest.tokenizer.name if manifest.tokenizer else None,
                      provenance=manifest.provenance,
                      stop_tokens=manifest.tokenizer.stop_tokens if manifest.tokenizer else (EOS_TOKEN,))
-        family._record_hash(manifest.family_hash)  # the hash read_manifest verified
+        family._record_hash(manifest.weights_sha256)  # the hash read_manifest verified
         if dtype is not None:
             model.to(dtype)  # in place; a conversion that changes the weights drops the record
         return family
@@ -178,11 +178,12 @@ class Family:
         return self._tokenizer
 
     def family_hash(self) -> str:
-        """SHA-256 of the weights (names, dtypes, shapes, bytes): what every tier compares.
+        """The family's identity, what every tier and member compares: SHA-256 of the
+        architecture and of the weights (names, dtypes, shapes, bytes; `flow.artifact`).
 
         Always the hash of the weights as they are now, computed at most once per state of
-        them: `load` records the hash it verified against family.json, `save` the one it wrote,
-        any other call the one it computes. A record holds while every tensor is the same
+        them: `load` records the weights hash it verified against family.json, `save` the one it
+        wrote, any other call the one it computes. A record holds while every tensor is the same
         object, at the same address, with the same dtype, shape and torch version counter; the
         counter counts in-place writes (an optimizer step, `copy_`, `load_state_dict`, an
         indexed assignment under `no_grad`), and `.to()` or a replaced parameter changes the
@@ -192,10 +193,10 @@ class Family:
         """
         if self._hash is None or not self._hash.matches(self.model):
             self._record_hash(self._digest_weights())
-        return self._hash.value
+        return artifact.family_hash(self.config, self._hash.value)
 
     def _digest_weights(self) -> str:
-        """The family hash of the tensors in memory, as `artifact.digest_safetensors` hashes a file."""
+        """The weights hash of the tensors in memory, as `artifact.digest_safetensors` hashes a file."""
         entries = []
         for name, tensor in self.model.state_dict().items():
             tensor = tensor.detach().cpu().contiguous()
@@ -204,7 +205,7 @@ class Family:
         return artifact.digest_tensors(entries)
 
     def _record_hash(self, value: str) -> None:
-        """Remember `value` as the hash of the weights as they are now."""
+        """Remember `value` as the weights hash of the weights as they are now."""
         self._hash = _RecordedHash(value, self.model)
 
     def save(self, path: str | Path, overwrite: bool = False) -> artifact.FamilyManifest:
@@ -227,7 +228,7 @@ class Family:
                 weights_dtype=str(self.dtype).removeprefix("torch."), tokenizer=tokenizer,
                 provenance=self.provenance)
             artifact.write_manifest(staging, manifest)
-        self._record_hash(manifest.family_hash)
+        self._record_hash(manifest.weights_sha256)
         return manifest
 
     def export_hf(self, path: str | Path, exit: int, overwrite: bool = False) -> Path:
@@ -293,7 +294,7 @@ class Family:
 
 
 class _RecordedHash:
-    """A family hash and the state of the tensors it was computed from (see `Family.family_hash`).
+    """A weights hash and the state of the tensors it was computed from (see `Family.family_hash`).
 
     Weak references, so that a replaced tensor is neither kept alive nor mistaken for a new one
     that happens to reuse its id and address; a deep copy of the family shares them, so its own

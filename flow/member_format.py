@@ -33,7 +33,8 @@ from pathlib import Path
 from flow.errors import ArtifactError
 
 FORMAT = "familial-flow/device-member"  # ONNX metadata `format` of an exported member
-FORMAT_VERSION = "2"  # raise it whenever a member written before could be misread
+FORMAT_VERSION = "3"  # raise it whenever a member written before could be misread (3: the family
+# hash covers the architecture)
 
 FLOAT32_FILE = "device.onnx"
 INT8_FILE = "device.int8.onnx"

@@ -225,9 +225,9 @@ def export_family_members(family_dir: Path | str, exits: list[int] | None = None
     """Write members/<k>/device.onnx (and device.int8.onnx) into a family directory.
 
     The weights are hashed once, when the family is loaded and verified; each member's metadata
-    carries that hash.
+    carries the family hash, and family.json records each file's SHA-256 (which a device checks).
     """
-    from flow.artifact import member_path
+    from flow.artifact import member_path, record_member_files
     from flow.family import Family
 
     family_dir = Path(family_dir)
@@ -238,7 +238,9 @@ def export_family_members(family_dir: Path | str, exits: list[int] | None = None
         family.config.check_exit(exit)
         path = member_path(family_dir, exit)
         path.parent.mkdir(parents=True, exist_ok=True)
-        written.append(export_member(family, exit, path, kv_cache))
+        files = [export_member(family, exit, path, kv_cache)]
         if int8:
-            written.append(quantize_member(path, member_path(family_dir, exit, int8=True)))
+            files.append(quantize_member(path, member_path(family_dir, exit, int8=True)))
+        record_member_files(family_dir, exit, files)
+        written += files
     return written

@@ -19,7 +19,7 @@ def device_family(tmp_path_factory) -> tuple[Path, Family]:
     exported members 0 and 1 (+ member 0 in int8): what the device and cloud tests run."""
     from flow.data.corpus import stdlib_sources
     from flow.data.tokenizer import save_tokenizer, train_tokenizer
-    from flow.onnx_export import export_member, quantize_member
+    from flow.onnx_export import export_family_members
 
     root = tmp_path_factory.mktemp("device-family")
     names = {"stdlib/json/decoder.py", "stdlib/textwrap.py", "stdlib/heapq.py"}
@@ -29,10 +29,7 @@ def device_family(tmp_path_factory) -> tuple[Path, Family]:
     config = tiny_config(head_dim=16, vocab_size=tokenizer.get_vocab_size(), max_seq_len=96)
     family = sharpen_heads(Family.random(config, seed=11, tokenizer=root / "tokenizer.json"))
     family.save(root / "fam")
-    for exit in (0, 1):
-        export_member(family, exit, root / "fam" / "members" / str(exit) / "device.onnx")
-    quantize_member(root / "fam" / "members" / "0" / "device.onnx",
-                    root / "fam" / "members" / "0" / "device.int8.onnx")
+    export_family_members(root / "fam", exits=[0, 1], int8=True)
     return root / "fam", family
 
 
@@ -41,11 +38,10 @@ def agreeing_family(device_family, tmp_path_factory) -> tuple[Path, Family]:
     """The device family made to agree often but not always (`builders.agreeing_copy`), with its
     tokenizer and exported members 0 and 1: what every speculative test drafts with, so that
     drafts are accepted as well as rejected."""
-    from flow.onnx_export import export_member
+    from flow.onnx_export import export_family_members
 
     root = tmp_path_factory.mktemp("agreeing-family")
     family = agreeing_copy(device_family[1])
     family.save(root / "fam")
-    for exit in (0, 1):
-        export_member(family, exit, root / "fam" / "members" / str(exit) / "device.onnx")
+    export_family_members(root / "fam", exits=[0, 1])
     return root / "fam", family

@@ -197,10 +197,12 @@ def run_info(args: argparse.Namespace) -> None:
     config = manifest.config
     members = [{"exit": k, "exit_layer": layer, "layers": config.member_num_layers(k),
                 "parameters": config.member_parameters(k),
-                "device_parts": sorted(p.name for p in (args.family / MEMBERS_DIR / str(k)).glob("*.onnx"))}
+                "device_parts": sorted(p.name for p in (args.family / MEMBERS_DIR / str(k)).glob("*.onnx")),
+                "sha256": manifest.members.get(str(k), {})}
                for k, layer in enumerate(config.exits)]
     if args.json:
-        print(json.dumps({**manifest.to_dict(), "members": members}, indent=2))
+        print(json.dumps({**manifest.to_dict(), "family_hash": manifest.family_hash,
+                          "members": members}, indent=2))
         return
     c = config
     print(f"family     {args.family}")
@@ -215,7 +217,8 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"provenance {describe_provenance(manifest.provenance)}")
     print("members    exit  after layer  layers   parameters  device parts")
     for m in members:
-        parts = ", ".join(m["device_parts"]) or "-"
+        parts = ", ".join(f"{part} (sha256 {m['sha256'][part][:12]}…)" if part in m["sha256"]
+                          else f"{part} (no recorded hash)" for part in m["device_parts"]) or "-"
         print(f"           {m['exit']:4d}  {m['exit_layer']:11d}  {m['layers']:6d}  "
               f"{m['parameters']:11,d}  {parts}")
 

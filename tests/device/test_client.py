@@ -165,6 +165,27 @@ def test_a_tier_at_capacity_is_an_outage_not_an_error(device_family, tier):
         assert step.token == int(family.logits(sequence[:len(prompt) + i], exit=exit)[0, -1].argmax()), i
 
 
+def test_a_member_file_that_is_not_the_one_exported_is_refused(device_family, tmp_path):
+    """Catches: a corrupted device.onnx, or another family's member with its metadata hash
+    edited, running and producing garbage (the file hash recorded at export must match)."""
+    import shutil
+
+    from flow.errors import HashMismatchError
+
+    copy = tmp_path / "fam"
+    shutil.copytree(device_family[0], copy)
+    member = copy / "members" / "0" / "device.onnx"
+    data = bytearray(member.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # 64 bytes in the middle of the weights
+    member.write_bytes(bytes(data))
+    with pytest.raises(HashMismatchError, match="is not the member that was exported"):
+        DeviceClient(copy, exit=0)
+    shutil.copy(copy / "members" / "1" / "device.onnx", member)  # a member, but not this one
+    with pytest.raises(HashMismatchError, match="is not the member that was exported"):
+        DeviceClient(copy, exit=0)
+    DeviceClient(copy, exit=1)  # the untouched member still loads
+
+
 def test_require_cloud_raises_instead_of_going_offline(device_family, tier):
     tier.reachable = False
     c = client(device_family, tier, mode="exit", threshold=1.5, require_cloud=True)

@@ -18,7 +18,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_family):
     for (name, a), (name_b, b) in zip(tiny_family.model.state_dict().items(),
                                       loaded.model.state_dict().items(), strict=True):
         assert name == name_b and a.dtype == b.dtype and torch.equal(a, b)
-    assert manifest.weights_sha256 == loaded.family_hash() == tiny_family.family_hash()
+    assert manifest.family_hash == loaded.family_hash() == tiny_family.family_hash()
     assert loaded.provenance == {"source": "random", "seed": 0}
 
 
@@ -27,7 +27,7 @@ def test_bfloat16_round_trip_keeps_dtype_and_hash(tmp_path):
     manifest = family.save(tmp_path / "fam")
     assert manifest.weights_dtype == "bfloat16"
     loaded = Family.load(tmp_path / "fam")
-    assert loaded.dtype == torch.bfloat16 and loaded.family_hash() == manifest.weights_sha256
+    assert loaded.dtype == torch.bfloat16 and loaded.family_hash() == manifest.family_hash
 
 
 def test_hash_sees_every_tensor(tiny_family):
@@ -35,6 +35,35 @@ def test_hash_sees_every_tensor(tiny_family):
     with torch.no_grad():
         tiny_family.model.exits[1].norm.weight[3] += 1e-3
     assert tiny_family.family_hash() != before
+
+
+@pytest.mark.parametrize("field, value", [("rope_theta", 5e4), ("rms_norm_eps", 1e-3),
+                                          ("max_seq_len", 100)])
+def test_the_family_hash_covers_the_architecture(tmp_path, tiny_family, field, value):
+    """Catches: a family.json whose architecture was edited (same weights, another model) that
+    still carries the family's identity, so that a tier would silently compute another model."""
+    manifest = tiny_family.save(tmp_path / "fam")
+    data = json.loads((tmp_path / "fam" / FAMILY_JSON).read_text())
+    data["architecture"][field] = value
+    (tmp_path / "fam" / FAMILY_JSON).write_text(json.dumps(data))
+    edited = Family.load(tmp_path / "fam")  # the weights still verify
+    assert read_manifest(tmp_path / "fam").weights_sha256 == manifest.weights_sha256
+    assert edited.family_hash() == read_manifest(tmp_path / "fam").family_hash != manifest.family_hash
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_theta", float("nan"), "rope_theta must be a finite positive number"),
+    ("rms_norm_eps", float("inf"), "rms_norm_eps must be a finite positive number"),
+    ("num_layers", 100_000_000, "num_layers = 100000000 is beyond"),
+    ("vocab_size", 1 << 40, "vocab_size = 1099511627776 is beyond")])
+def test_non_finite_and_absurd_architectures_are_refused_in_one_line(tmp_path, tiny_family, field,
+                                                                     value, message):
+    tiny_family.save(tmp_path / "fam")
+    data = json.loads((tmp_path / "fam" / FAMILY_JSON).read_text())
+    data["architecture"][field] = value
+    (tmp_path / "fam" / FAMILY_JSON).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=message):
+        read_manifest(tmp_path / "fam")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def test_new_info_export_round_trip(tmp_path):
     assert info["architecture"]["exits"] == [0, 2, 3]
     assert [m["layers"] for m in info["members"]] == [2, 4, 4]
     family = Family.load(tmp_path / "fam")
-    assert info["weights"]["sha256"] == family.family_hash()
+    assert info["family_hash"] == family.family_hash() != info["weights"]["sha256"]
     assert [m["parameters"] for m in info["members"]] == [
         family.config.member_parameters(k) for k in range(3)]
     text = flow("info", tmp_path / "fam").stdout

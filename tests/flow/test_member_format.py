@@ -28,7 +28,7 @@ def test_graph_names_are_those_of_exported_members():
 
 def test_metadata_keys_are_those_of_exported_members_and_read_back():
     meta = INFO.to_metadata()
-    assert meta == {"format": "familial-flow/device-member", "format_version": "2", "weights": "float32",
+    assert meta == {"format": "familial-flow/device-member", "format_version": "3", "weights": "float32",
                     "family_hash": "ab" * 32, "exit": "1", "exit_layer": "2", "num_cache_layers": "4",
                     "hidden_size": "48", "num_kv_heads": "2", "head_dim": "16", "vocab_size": "320",
                     "max_seq_len": "96", "kv_cache": "shared"}

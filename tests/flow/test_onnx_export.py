@@ -13,6 +13,7 @@ import pytest
 
 from builders import tiny_config
 from flow import Family
+from flow.artifact import file_sha256, read_manifest
 from flow.member_format import (
     ATTENTION_MASK,
     HANDOFF_HIDDEN,
@@ -115,7 +116,9 @@ def test_export_onnx_command_writes_members_into_the_family(tmp_path, family):
     session = ort.InferenceSession(member / "device.int8.onnx", providers=["CPUExecutionProvider"])
     assert "present.0.key" in [o.name for o in session.get_outputs()]
     info = flow("info", tmp_path / "fam").stdout
-    assert "device.int8.onnx, device.onnx" in info
+    recorded = read_manifest(tmp_path / "fam").members["0"]
+    assert recorded == {name: file_sha256(member / name) for name in ("device.onnx", "device.int8.onnx")}
+    assert f"device.int8.onnx (sha256 {recorded['device.int8.onnx'][:12]}…), device.onnx" in info
     refused = flow("export-onnx", tmp_path / "fam", "--exit", "5", check=False)
     assert refused.returncode == 1 and "exit=5 is not a member" in refused.stderr
 
