@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cloud.engine.config import EngineLimits
 from cloud.server_config import ServerConfig
-from flow.confidence import DEFAULT_THRESHOLDS, POLICIES
+from flow.confidence import DEFAULT_POLICY, DEFAULT_THRESHOLDS, POLICIES
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -33,8 +33,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument("--next", default=None, help="HOST:PORT of the tier an edge forwards to")
     serve.add_argument("--next-token-file", type=Path, default=None,
                        help="bearer token for --next (first line of the file)")
-    serve.add_argument("--policy", choices=POLICIES, default="max_prob",
-                       help="an edge's confidence policy (default max_prob)")
+    serve.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
+                       help=f"an edge's confidence policy (default {DEFAULT_POLICY})")
     serve.add_argument("--threshold", type=float, default=None,
                        help="an edge's confidence threshold (default the policy's: "
                             + ", ".join(f"{p} {t}" for p, t in DEFAULT_THRESHOLDS.items()) + ")")

@@ -28,7 +28,7 @@ import numpy as np
 from cloud.engine.client import EngineClient
 from flow.confidence import ExitPolicy
 from flow.escalation import Escalation
-from flow.tier import Continuation, NextTier, SamplingParams, SessionLost, TierUnavailable
+from flow.tier import Answer, NextTier, SamplingParams, SessionLost, TierUnavailable
 
 
 class EdgeEngineClient:
@@ -58,7 +58,7 @@ class EdgeEngineClient:
         return await self.inner.open_session(owner, from_exit)
 
     async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
-                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
+                        return_all: bool, top_k: int, rollback: bool) -> Answer:
         lock = self._locks.setdefault(session_id, asyncio.Lock())
         async with lock:  # one request at a time per session: the rows and frontier are shared
             try:
@@ -81,7 +81,7 @@ class EdgeEngineClient:
                 return answer  # exit J's own token beats the device's
             # the next tier answered for rows first..; the device asked about rows start..
             skip = start - first if return_all else 0
-            return Continuation(forwarded.tokens[skip:], answer.frontier, forwarded.tier,
+            return Answer(forwarded.tokens[skip:], answer.frontier, forwarded.tier,
                                 forwarded.top_k[skip:] if return_all else forwarded.top_k)
 
     async def rollback(self, session_id: str, owner: str, position: int) -> int:

@@ -20,6 +20,7 @@ from cloud.engine.config import EngineConfig, EngineLimits
 from cloud.metrics import TierMetrics
 from cloud.server import TierServer, TierService
 from cloud.server_config import ServerConfig
+from flow.confidence import DEFAULT_POLICY
 
 log = logging.getLogger("flow.cloud")
 
@@ -40,7 +41,7 @@ class TierSpec:
     # object works too, for tests).
     to_exit: int | None = None
     next_address: object = None
-    policy: str = "max_prob"
+    policy: str = DEFAULT_POLICY
     threshold: float | None = None
     next_token: str | None = None
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from flow.codecs import CODECS
-from flow.confidence import DEFAULT_THRESHOLDS, POLICIES
+from flow.confidence import DEFAULT_POLICY, DEFAULT_THRESHOLDS, POLICIES
 from flow.tier import MODES
 
 
@@ -33,7 +33,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     generate.add_argument("--cloud", default=None,
                           help="next tier: HOST:PORT of its gRPC service, or 'local' = the "
                                "reference model in this process (needs torch)")
-    generate.add_argument("--policy", choices=POLICIES, default="max_prob")
+    generate.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY)
     generate.add_argument("--threshold", type=float, default=None,
                           help="confidence threshold (default: calibration.json, else the "
                                "policy's: " + ", ".join(f"{p} {t}" for p, t in DEFAULT_THRESHOLDS.items())

@@ -42,12 +42,12 @@ import numpy as np
 from device.member import MemberSession
 from device.text import TextStream
 from flow.artifact import TOKENIZER_FILE, calibration_path, check_member_file, member_path, read_manifest
-from flow.confidence import ExitPolicy
+from flow.confidence import DEFAULT_POLICY, ExitPolicy
 from flow.data.tokenizer import token_ids
 from flow.errors import ConfigError, FlowError
 from flow.escalation import Escalation
 from flow.sampling import Sampler, check_sampling
-from flow.tier import MODES, Continuation, NextTier, SamplingParams, TierUnavailable
+from flow.tier import MODES, Answer, NextTier, SamplingParams, TierUnavailable
 
 DEVICE = "device"
 log = logging.getLogger("flow.device")
@@ -108,7 +108,7 @@ class DeviceClient:
     """
 
     def __init__(self, family_dir: Path | str, exit: int = 0, cloud: NextTier | str | None = None,
-                 mode: str = "local", policy: str = "max_prob", threshold: float | None = None,
+                 mode: str = "local", policy: str = DEFAULT_POLICY, threshold: float | None = None,
                  draft_tokens: int = 4, codec: str = "fp32", int8: bool = False,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
                  require_cloud: bool = False, retry_interval: float = 2.0,
@@ -290,7 +290,7 @@ class Generation:
 
     # ---- the next tier ----------------------------------------------------------------------
 
-    def escalate(self, return_all: bool, top_k: int = 0) -> tuple[int, Continuation] | None:
+    def escalate(self, return_all: bool, top_k: int = 0) -> tuple[int, Answer] | None:
         """Send the pending rows to the next tier; (first position, answer), or None offline."""
         client = self.client
         if time.monotonic() < client._retry_at and not client.require_cloud:

@@ -21,6 +21,7 @@ import numpy as np
 from flow.errors import ConfigError
 
 POLICIES = ("max_prob", "margin", "entropy")
+DEFAULT_POLICY = "max_prob"
 # The threshold of each policy when neither the caller nor a calibration gives one.
 DEFAULT_THRESHOLDS = {"max_prob": 0.8, "margin": 0.5, "entropy": -1.0}
 
@@ -53,7 +54,7 @@ class ExitPolicy:
     every score accepts every token. A bad policy or threshold is a `ConfigError`.
     """
 
-    policy: str = "max_prob"
+    policy: str = DEFAULT_POLICY
     threshold: float | None = None
 
     def __post_init__(self) -> None:

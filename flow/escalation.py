@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from flow.tier import (
-    Continuation,
+    Answer,
     FrontierMismatch,
     NextTier,
     SessionLost,
@@ -50,7 +50,7 @@ class Escalation:
         if self.frontier > length:
             self.frontier, self.rollback = length, True
 
-    def send(self, return_all: bool = False, top_k: int = 0) -> tuple[int, Continuation]:
+    def send(self, return_all: bool = False, top_k: int = 0) -> tuple[int, Answer]:
         """Ship rows frontier..recorded-1; returns (their first position, the answer).
 
         With `return_all` the answer holds a token (and top-k) for every position from the first
@@ -77,7 +77,7 @@ class Escalation:
             answer.top_k = [best[p] for p in range(first, self.recorded)] if best else []
         return first, answer
 
-    def _send_once(self, return_all: bool, top_k: int) -> tuple[int, Continuation]:
+    def _send_once(self, return_all: bool, top_k: int) -> tuple[int, Answer]:
         """One request: rows from the frontier, as many as the session takes at once."""
         for _ in range(3):  # a lost session or a moved frontier: repair, then retry at once
             try:

@@ -18,7 +18,7 @@ from flow.codecs import CODECS, decode, encode
 from flow.errors import HashMismatchError
 from flow.sampling import Sampler
 from flow.tier import (
-    Continuation,
+    Answer,
     InvalidRequest,
     SamplingParams,
     SessionLost,
@@ -96,7 +96,7 @@ class ReferenceTier:
         return self._sessions[session_id]
 
     def _continue(self, session_id: str, start: int, rows: np.ndarray, codec: str,
-                  return_all: bool, top_k: int, rollback: bool) -> Continuation:
+                  return_all: bool, top_k: int, rollback: bool) -> Answer:
         import torch
 
         session = self._session(session_id)
@@ -119,7 +119,7 @@ class ReferenceTier:
             values, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
             best = [TopK(i.tolist(), v.tolist()) for i, v in zip(ids, values, strict=True)]
         received = 4 * len(tokens) + 8 * top_k * len(tokens)
-        return Continuation(tokens, session.frontier, self.name, best, payload.num_bytes, received)
+        return Answer(tokens, session.frontier, self.name, best, payload.num_bytes, received)
 
 
 class ReferenceSession:
@@ -135,7 +135,7 @@ class ReferenceSession:
         return self.tier._session(self.session_id).frontier
 
     def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
-                  rollback: bool = False) -> Continuation:
+                  rollback: bool = False) -> Answer:
         return self.tier._continue(self.session_id, start, rows, self.codec, return_all, top_k,
                                    rollback)
 

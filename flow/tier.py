@@ -134,7 +134,7 @@ class TopK:
 
 
 @dataclass
-class Continuation:
+class Answer:
     """The next tier's answer to one `continue_` request."""
 
     tokens: list[int]  # greedy next token per returned row (the last row, or every row)
@@ -159,7 +159,7 @@ class Continuation:
                                          top_k=[best.to_pb() for best in self.top_k])
 
     @classmethod
-    def from_pb(cls, message, bytes_sent: int = 0) -> Continuation:
+    def from_pb(cls, message, bytes_sent: int = 0) -> Answer:
         return cls(list(message.tokens), int(message.frontier), message.tier,
                    [TopK.from_pb(best) for best in message.top_k], bytes_sent, message.ByteSize())
 
@@ -194,7 +194,7 @@ class TierSession(Protocol):
     max_rows: int  # the most hand-off rows one `continue_` may carry; 0 = no limit
 
     def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
-                  rollback: bool = False) -> Continuation:
+                  rollback: bool = False) -> Answer:
         """Run the next tier on hand-off rows (n, hidden) at positions start.. .
 
         `rollback=True` first discards the session's positions >= start (a rejected speculative

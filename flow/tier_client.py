@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from flow.status import error_of
-from flow.tier import Continuation, SamplingParams, TierError
+from flow.tier import Answer, SamplingParams, TierError
 from flow.v1 import tier_pb2, tier_pb2_grpc
 from flow.wire import CODEC_TO_PROTO, rows_to_tensor
 
@@ -89,12 +89,12 @@ class GrpcSession:
         self.max_rows = max_rows  # what the server accepts per request (0: it did not say)
 
     def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
-                  rollback: bool = False) -> Continuation:
+                  rollback: bool = False) -> Answer:
         tensor = rows_to_tensor(rows, self.codec)
         request = tier_pb2.ContinueRequest(
             session_id=self.session_id, start=start, hidden=tensor, top_k=top_k, rollback=rollback,
             returns=tier_pb2.RETURNS_ALL if return_all else tier_pb2.RETURNS_LAST)
-        answer = Continuation.from_pb(self.tier._call(self.tier.stub.Continue, request),
+        answer = Answer.from_pb(self.tier._call(self.tier.stub.Continue, request),
                                       bytes_sent=request.ByteSize())
         answer.tier = answer.tier or self.tier.name
         self.frontier = answer.frontier

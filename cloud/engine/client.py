@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flow.tier import Continuation, SamplingParams
+from flow.tier import Answer, SamplingParams
 
 
 class EngineClient(Protocol):
@@ -48,7 +48,7 @@ class EngineClient(Protocol):
         ...
 
     async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
-                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
+                        return_all: bool, top_k: int, rollback: bool) -> Answer:
         """Run hand-off rows (n, hidden) float32 for positions start.. of a session, as
         `Engine.submit_continue` does; the answer's `tier` is left for the server to stamp."""
         ...

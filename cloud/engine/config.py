@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from flow.confidence import DEFAULT_POLICY
 from flow.errors import ConfigError
 
 
@@ -56,7 +57,7 @@ class EngineConfig:
     # An edge engine stops at `to_exit` and scores that exit's confidence under `policy` (the
     # front end applies the threshold); None runs to the full model.
     to_exit: int | None = None
-    policy: str = "max_prob"
+    policy: str = DEFAULT_POLICY
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,11 +47,11 @@ from cloud.engine.config import EngineConfig, EngineLimits
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.requests import Chunk, ContinueJob, GenerateJob, Session, Work
 from cloud.engine.scheduler import Scheduler, SingleRowsFirst
-from flow.confidence import ExitPolicy
+from flow.confidence import DEFAULT_POLICY, ExitPolicy
 from flow.errors import ConfigError
 from flow.sampling import Sampler
 from flow.tier import (
-    Continuation,
+    Answer,
     Exhausted,
     InvalidRequest,
     SamplingParams,
@@ -78,7 +78,7 @@ class Engine:
 
     def __init__(self, family, first_layer: int | None = None, limits: EngineLimits | None = None,
                  clock: Callable[[], float] = time.monotonic, to_exit: int | None = None,
-                 policy: str = "max_prob", scheduler: Scheduler | None = None):
+                 policy: str = DEFAULT_POLICY, scheduler: Scheduler | None = None):
         config = family.config
         self.family, self.model, self.config = family, family.model, config
         self.limits = limits or EngineLimits()
@@ -148,7 +148,7 @@ class Engine:
 
         Everything is validated here, synchronously. `rollback=True` first discards the session's
         positions >= start; otherwise start must be the frontier. On completion the frontier is
-        start + n and `result` is a `Continuation`.
+        start + n and `result` is a `Answer`.
         """
         session = self._idle_session(session_id, owner)
         hidden = self._check_rows(rows)
@@ -281,7 +281,7 @@ class Engine:
         ids = np.zeros((len(group), width), dtype=np.int64)
         for b, chunk in enumerate(group):
             job = chunk.job
-            ids[b, :chunk.length] = job.tokens[job.fed:job.fed + chunk.length]
+            ids[b, :chunk.length] = job.tokens[job.cached:job.cached + chunk.length]
         return self.model.embed_tokens(torch.from_numpy(ids).to(self.device))
 
     def _answer_logits(self, out: Tensor, group: list[Chunk]) -> list[Tensor]:
@@ -313,7 +313,7 @@ class Engine:
                 job.best += [TopK(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         if chunk.final:
             session.frontier = job.start + len(job.hidden)
-            answer = Continuation(job.tokens, session.frontier, top_k=job.best)
+            answer = Answer(job.tokens, session.frontier, top_k=job.best)
             if self.is_edge:
                 answer.handoff = np.concatenate(job.handoff)
                 answer.scores = job.scores
@@ -321,7 +321,7 @@ class Engine:
 
     def _advance_generate(self, session: Session, job: GenerateJob, chunk: Chunk,
                           logits: Tensor) -> None:
-        job.fed += chunk.length
+        job.cached += chunk.length
         if not chunk.final:  # more of the prompt to feed first
             return
         token = job.sampler.pick(logits[-1].cpu().numpy())

@@ -4,7 +4,7 @@
 A message is a multipart ZeroMQ message: one JSON header frame (UTF-8), then the binary parts the
 header lists in `"parts"`, in that order:
 
-    "answer"   a serialized `flow.v1.ContinueResponse` (`Continuation.to_pb`)
+    "answer"   a serialized `flow.v1.ContinueResponse` (`Answer.to_pb`)
     "rows"     raw little-endian float32 rows, of the header's `"shape"` [rows, hidden]
 
 Never pickle: a worker reachable over tcp:// executes nothing it is sent.
@@ -50,15 +50,15 @@ import json
 import numpy as np
 
 from flow.status import error_of, status_of
-from flow.tier import Continuation, TierError
+from flow.tier import Answer, TierError
 from flow.v1 import tier_pb2
 
 HEARTBEAT_S = 0.5  # how often a worker reports; the front end buries one silent for longer
 
 
 def pack(header: dict, rows: np.ndarray | None = None,
-         answer: Continuation | None = None) -> list[bytes]:
-    """Frames of a message: `header`, then an answer (a `Continuation`) and rows if given."""
+         answer: Answer | None = None) -> list[bytes]:
+    """Frames of a message: `header`, then an answer (a `Answer`) and rows if given."""
     header, parts = {**header, "parts": []}, []
     if answer is not None:
         header["parts"].append("answer")
@@ -72,15 +72,15 @@ def pack(header: dict, rows: np.ndarray | None = None,
     return [json.dumps(header).encode(), *parts]
 
 
-def unpack(frames: list[bytes]) -> tuple[dict, np.ndarray | None, Continuation | None]:
-    """(header, rows or None, `Continuation` or None) of a message's frames."""
+def unpack(frames: list[bytes]) -> tuple[dict, np.ndarray | None, Answer | None]:
+    """(header, rows or None, `Answer` or None) of a message's frames."""
     header = json.loads(frames[0])
     parts = dict(zip(header.get("parts", ()), frames[1:], strict=True))
     rows = answer = None
     if "rows" in parts:
         rows = np.frombuffer(parts["rows"], dtype="<f4").reshape(header["shape"]).astype(np.float32)
     if "answer" in parts:
-        answer = Continuation.from_pb(tier_pb2.ContinueResponse.FromString(parts["answer"]))
+        answer = Answer.from_pb(tier_pb2.ContinueResponse.FromString(parts["answer"]))
         answer.scores, answer.handoff = header.get("scores", []), rows
     return header, rows, answer
 

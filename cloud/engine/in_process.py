@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cloud.engine.core import Engine
-from flow.tier import Continuation, SamplingParams
+from flow.tier import Answer, SamplingParams
 
 _IDLE_WAIT_S = 0.5  # how often an idle engine thread wakes to expire idle sessions
 _NOTHING = object()
@@ -110,7 +110,7 @@ class InProcessEngineClient:
         return await self._call(self.engine.open_session, owner, from_exit)
 
     async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
-                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
+                        return_all: bool, top_k: int, rollback: bool) -> Answer:
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
         on_done = lambda work: loop.call_soon_threadsafe(_settle, finished, work, None)  # noqa: E731

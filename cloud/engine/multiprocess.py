@@ -30,7 +30,7 @@ import zmq.asyncio
 
 from cloud.engine.config import EngineConfig
 from cloud.engine.frames import error_from_header, error_header, pack, unpack
-from flow.tier import Continuation, SamplingParams, SessionLost, TierUnavailable
+from flow.tier import Answer, SamplingParams, SessionLost, TierUnavailable
 
 log = logging.getLogger("flow.cloud.workers")
 
@@ -265,7 +265,7 @@ class MultiprocessEngineClient:
         return answer["session_id"], answer["frontier"]
 
     async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
-                        return_all: bool, top_k: int, rollback: bool) -> Continuation:
+                        return_all: bool, top_k: int, rollback: bool) -> Answer:
         worker = self._worker_of(session_id)
         answer = await self._ask(worker, {"op": "continue", "session_id": session_id, "owner": owner,
                                           "start": start, "return_all": return_all, "top_k": top_k,

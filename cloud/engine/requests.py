@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class Work:
     """One submitted request, finished by `Engine.step()` (or `cancel`/`close`).
 
-    `done`, then `result` (a `Continuation`, or the list of generated tokens) or `error`.
+    `done`, then `result` (a `Answer`, or the list of generated tokens) or `error`.
     `on_done(work)` is called once when it finishes; for generate work `on_token(token)` is called
     for each token as it is produced, before `on_done`. `session_id` is the session it runs on (a
     generation's own, unreachable through the session calls).
@@ -65,23 +65,23 @@ class ContinueJob:
 
 @dataclass(eq=False)
 class GenerateJob:
-    """A whole-model generation: its tokens so far, of which `fed` have keys in the cache."""
+    """A whole-model generation: its tokens so far, of which the first `cached` have keys in the cache."""
 
     work: Work
     tokens: list[int]
     max_new_tokens: int
     sampler: Sampler
     stop_ids: frozenset[int]
-    fed: int = 0
+    cached: int = 0
     new: list[int] = field(default_factory=list)
 
     @property
     def pending_rows(self) -> int:
-        return len(self.tokens) - self.fed
+        return len(self.tokens) - self.cached
 
     @property
     def next_position(self) -> int:
-        return self.fed
+        return self.cached
 
 
 @dataclass(eq=False)
