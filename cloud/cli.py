@@ -77,6 +77,29 @@ def from_flags(config_class, args: argparse.Namespace, **others):
     return config_class(**flagged, **others)
 
 
+def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """`ConfigError` unless `cert` and `key` are a PEM certificate and its private key and
+    `client_ca` (if given) a PEM CA: TLS that was asked for is never replaced by plaintext."""
+    import ssl
+
+    from flow.errors import ConfigError
+
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--client-ca", client_ca)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as err:
+        raise ConfigError(f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate and "
+                          f"its private key ({err.reason or err})") from None
+    if client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(client_ca))
+        except ssl.SSLError as err:
+            raise ConfigError(f"--client-ca {client_ca} is not a PEM certificate authority "
+                              f"({err.reason or err})") from None
+
+
 def run_serve(args: argparse.Namespace) -> None:
     from cloud.service import TierSpec, serve
     from flow.errors import ConfigError
@@ -84,6 +107,8 @@ def run_serve(args: argparse.Namespace) -> None:
     _configure_logging(args.log_format)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None:
+        check_tls_files(args.tls_cert, args.tls_key, args.client_ca)
     tokens = ()
     if args.token_file is not None:
         tokens = tuple(t.strip() for t in args.token_file.read_text().splitlines() if t.strip())

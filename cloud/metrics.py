@@ -12,12 +12,20 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-_GAUGES = {"sessions": "open continuation sessions", "generations": "whole-model generations running",
-           "free_slots": "free KV cache slots", "queued_work": "requests waiting for an engine step",
-           "kv_bytes_in_use": "KV cache bytes held by sessions",
-           "kv_bytes_total": "KV cache bytes allocated", "workers": "engine workers alive"}
-_COUNTERS = {"evictions": "idle sessions evicted for room", "expired": "idle sessions expired",
-             "steps": "engine steps", "rows": "rows run through the blocks"}
+# Engine `stats()` key -> (metric name, help). Names follow Prometheus' conventions (what
+# `promtool check metrics` asks): the unit as a suffix, `_total` only on counters (the client
+# library adds it).
+_GAUGES = {"sessions": ("flow_engine_sessions", "open continuation sessions"),
+           "generations": ("flow_engine_generations", "whole-model generations running"),
+           "free_slots": ("flow_engine_free_slots", "free KV cache slots"),
+           "queued_work": ("flow_engine_queued_requests", "requests waiting for an engine step"),
+           "kv_bytes_in_use": ("flow_engine_kv_cache_in_use_bytes", "KV cache bytes held by sessions"),
+           "kv_bytes_total": ("flow_engine_kv_cache_allocated_bytes", "KV cache bytes allocated"),
+           "workers": ("flow_engine_workers", "engine workers alive")}
+_COUNTERS = {"evictions": ("flow_engine_evictions", "idle sessions evicted for room"),
+             "expired": ("flow_engine_expirations", "idle sessions expired"),
+             "steps": ("flow_engine_steps", "engine steps"),
+             "rows": ("flow_engine_rows", "rows run through the blocks")}
 
 
 class _EngineCollector:
@@ -27,12 +35,12 @@ class _EngineCollector:
         self.snapshot: dict = {}
 
     def collect(self):
-        for key, help_text in _GAUGES.items():
+        for key, (name, help_text) in _GAUGES.items():
             if key in self.snapshot:
-                yield GaugeMetricFamily(f"flow_engine_{key}", help_text, value=self.snapshot[key])
-        for key, help_text in _COUNTERS.items():
+                yield GaugeMetricFamily(name, help_text, value=self.snapshot[key])
+        for key, (name, help_text) in _COUNTERS.items():
             if key in self.snapshot:
-                yield CounterMetricFamily(f"flow_engine_{key}", help_text, value=self.snapshot[key])
+                yield CounterMetricFamily(name, help_text, value=self.snapshot[key])
 
 
 class TierMetrics:
@@ -40,15 +48,15 @@ class TierMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("flow_requests", "RPCs answered, by method and status code",
                                 ["method", "code"], registry=self.registry)
-        self.latency = Histogram("flow_request_seconds", "RPC latency", ["method"],
+        self.latency = Histogram("flow_request_duration_seconds", "RPC latency", ["method"],
                                  registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
         self.rows_received = Counter("flow_rows_received", "hand-off rows received",
                                      registry=self.registry)
-        self.batch_rows = Histogram("flow_engine_batch_rows", "rows per engine step",
+        self.batch_rows = Histogram("flow_engine_step_rows", "rows per engine step",
                                     registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
-        self.step_seconds = Histogram("flow_engine_step_seconds", "duration of an engine step",
+        self.step_seconds = Histogram("flow_engine_step_duration_seconds", "duration of an engine step",
                                       registry=self.registry,
                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
         self.engine = _EngineCollector()

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cloud.engine.client import EngineClient
 from cloud.server_config import ServerConfig
-from flow.errors import HashMismatchError
+from flow.errors import ConfigError, HashMismatchError
 from flow.status import status_of
 from flow.tier import SamplingParams, TierError
 from flow.v1 import tier_pb2, tier_pb2_grpc
@@ -149,9 +149,8 @@ class TierService(tier_pb2_grpc.TierServicer):
     @_observed_stream
     async def Generate(self, request, context):
         owner = await self._owner(context)
-        if request.family_hash:
-            async with _status(context):
-                self._check_family(request.family_hash)
+        async with _status(context):  # like OpenSession: tokens of another model are not answers
+            self._check_family(request.family_hash)
         bad = [t for t in request.token_ids if not 0 <= t < self.vocab_size]
         if not request.token_ids or bad or request.max_new_tokens < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -189,12 +188,22 @@ class TierServer:
 
     def __init__(self, service: TierService, config: ServerConfig):
         self.service, self.config = service, config
+        if isinstance(config.port, bool) or not isinstance(config.port, int) \
+                or not 0 <= config.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535 (0 = any free port), got {config.port!r}")
+        if config.tls_key is not None or config.tls_cert is not None:
+            if not (config.tls_key and config.tls_cert):  # asked for TLS: never serve plaintext
+                raise ConfigError("TLS needs both a certificate and its private key, and neither "
+                                  "may be empty")
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # devices send keepalive pings (flow.tier_client) to notice a dead link early
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
         self.server = grpc.aio.server(options=options)
         tier_pb2_grpc.add_TierServicer_to_server(service, self.server)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -227,6 +236,23 @@ class TierServer:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """`grpc.health.v1.Health` with `List` as well (grpcio's asyncio servicer leaves it
+    unimplemented): every service's status, as set through `set`."""
+
+    def __init__(self):
+        super().__init__()
+        self._statuses = {"": health_pb2.HealthCheckResponse.SERVING}
+
+    async def set(self, service: str, status) -> None:
+        self._statuses[service] = status
+        await super().set(service, status)
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()})
 
 
 async def _maybe_await(result) -> None:

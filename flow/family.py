@@ -238,18 +238,22 @@ class Family:
         state = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
         tensors = hf.hf_member_tensors(state, self.config, exit)
         stop_ids = self.stop_token_ids()
-        config = hf.hf_config(self.config, exit, str(self.dtype).removeprefix("torch."),
-                              stop_ids[0] if len(stop_ids) == 1 else stop_ids or None)
+        eos = stop_ids[0] if len(stop_ids) == 1 else stop_ids or None
+        config = hf.hf_config(self.config, exit, str(self.dtype).removeprefix("torch."), eos)
         config["familial_flow"] = {"family_hash": self.family_hash(), "exit": exit,
                                    "exit_layer": self.config.exit_layer(exit)}
         path = Path(path)
         with atomic_directory(path, overwrite=overwrite) as staging:
             save_file(tensors, staging / "model.safetensors", metadata=_SAFETENSORS_METADATA)
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (staging / "generation_config.json").write_text(json.dumps(
+                hf.hf_generation_config(self.config, eos), indent=2) + "\n")
             if self.tokenizer_json is not None:
                 (staging / "tokenizer.json").write_text(self.tokenizer_json)
+                # no pad token of its own: batched generation pads with the end token
                 (staging / "tokenizer_config.json").write_text(json.dumps({
                     "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.stop_tokens[0],
+                    "pad_token": self.stop_tokens[0],
                     "model_max_length": self.config.max_seq_len}, indent=2) + "\n")
         return path
 

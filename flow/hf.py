@@ -146,8 +146,20 @@ def hf_config(config: FamilyConfig, exit: int, dtype: str,
         "torch_dtype": dtype,
         "bos_token_id": None,
         "eos_token_id": eos_token_id,
+        "pad_token_id": _first(eos_token_id),
         **arch.hf_config_extras,
     }
+
+
+def hf_generation_config(config: FamilyConfig, eos_token_id: int | list[int] | None) -> dict[str, Any]:
+    """generation_config.json of an exported member: greedy, stopping at the family's stop
+    tokens, padding with the first of them (the family has no pad token of its own)."""
+    return {"eos_token_id": eos_token_id, "pad_token_id": _first(eos_token_id),
+            "do_sample": False, "max_length": config.max_seq_len}
+
+
+def _first(token_ids: int | list[int] | None) -> int | None:
+    return token_ids[0] if isinstance(token_ids, list) else token_ids
 
 
 def load_hf_tensors(src: Path) -> dict[str, Any]:

@@ -10,13 +10,15 @@ later), `SessionLost` (reopen, replay from 0), `FrontierMismatch`, `HashMismatch
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
 from flow.status import error_of
-from flow.tier import Answer, SamplingParams, TierError
+from flow.tier import Answer, SamplingParams, TierError, TierUnavailable
 from flow.v1 import tier_pb2, tier_pb2_grpc
 from flow.wire import CODEC_TO_PROTO, rows_to_tensor
 
@@ -31,7 +33,9 @@ class GrpcTier:
 
     token: bearer token sent as `authorization` metadata. root_certificates (PEM bytes) turn on
     TLS; certificate_chain + private_key add a client certificate (mutual TLS). timeout: seconds
-    per call (a streamed generate gets it per message).
+    per call, and for a streamed generate the longest wait for its next token: a tier that stops
+    answering (frozen, or a link gone quiet) is `TierUnavailable` after that long, however long
+    the generation. The channel sends keepalive pings, so a dead link is noticed while idle too.
     """
 
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0,
@@ -42,7 +46,10 @@ class GrpcTier:
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = options or [("grpc.max_receive_message_length", 64 << 20),
-                              ("grpc.max_send_message_length", 64 << 20)]
+                              ("grpc.max_send_message_length", 64 << 20),
+                              ("grpc.keepalive_time_ms", 20_000),
+                              ("grpc.keepalive_timeout_ms", 10_000),
+                              ("grpc.keepalive_permit_without_calls", 1)]
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(address, credentials, options=options)
@@ -70,15 +77,40 @@ class GrpcTier:
         request = tier_pb2.GenerateRequest(
             family_hash=family_hash, token_ids=token_ids, max_new_tokens=max_new_tokens,
             stop_ids=list(stop_ids), sampling=(sampling or SamplingParams()).to_pb())
+        call = self.stub.Generate(request, timeout=self.timeout * max(1, max_new_tokens),
+                                  metadata=self._metadata)
+        # gRPC's blocking iterator takes no per-message deadline: a thread reads the stream and
+        # the caller waits for each message at most `timeout` seconds.
+        messages: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_stream, args=(call, messages), daemon=True,
+                         name="flow-generate-stream").start()
         try:
-            for message in self.stub.Generate(request, timeout=self.timeout * max(1, max_new_tokens),
-                                              metadata=self._metadata):
-                yield message.token
-        except grpc.RpcError as err:
-            raise translate(err) from None
+            while True:
+                try:
+                    kind, value = messages.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise TierUnavailable(f"next tier unavailable: no token from {self.address} "
+                                          f"for {self.timeout:g} s") from None
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise translate(value) from None
+                yield value
+        finally:
+            call.cancel()  # a no-op once the stream ended; else the tier stops generating
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _read_stream(call, messages: queue.Queue) -> None:
+    """Put each token of a Generate stream on `messages`, then ("end", None) or ("error", err)."""
+    try:
+        for message in call:
+            messages.put(("token", message.token))
+        messages.put(("end", None))
+    except grpc.RpcError as err:
+        messages.put(("error", err))
 
 
 class GrpcSession:

@@ -34,9 +34,14 @@ class EngineLimits:
         "flag": "--max-context",
         "help": "positions one session may hold, at most the family's context; the KV pool is "
                 "allocated for max-sessions x max-context up front"})
+    # An answer carries top_k (id, logit) pairs per row: 512 rows at top-k 256 is 1.5 MB, where
+    # an unbounded top-k would let a 512 KiB request ask for the whole vocabulary per row.
+    max_top_k: int = field(default=256, metadata={
+        "flag": "--max-top-k", "help": "most likely tokens an answer may list per row"})
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_rows_per_request", "max_batch_rows", "max_context"):
+        for name in ("max_sessions", "max_rows_per_request", "max_batch_rows", "max_context",
+                     "max_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

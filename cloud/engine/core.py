@@ -154,8 +154,9 @@ class Engine:
         hidden = self._check_rows(rows)
         start = check_start(session.frontier, start, len(hidden), rollback, self.context)
         top_k = integer(top_k, "top_k")
-        if top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0 (0 = no top-k), got {top_k}")
+        if not 0 <= top_k <= self.limits.max_top_k:
+            raise InvalidRequest(f"top_k must be in 0..{self.limits.max_top_k} (0 = no top-k; this "
+                                 f"tier's --max-top-k), got {top_k}")
         session.frontier = start  # a no-op unless rolling back
         work = Work("continue", session.id, on_done=on_done)
         self._enqueue(session, ContinueJob(work, hidden, start, bool(return_all),

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from flow.config import PRESETS
 from flow.member_format import AUTO, KV_CACHE_CHOICES
 from flow.pretrained import PRETRAINED
 
@@ -18,7 +19,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         description="Create a randomly initialised family (the starting point of `flow train`, "
                     "and of tests).")
     new.add_argument("out", type=Path, help="family directory to write")
-    new.add_argument("--preset", default="tiny", help="architecture preset: tiny or demo (default tiny)")
+    new.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                     help="architecture preset (default tiny): " + "; ".join(
+                         f"{name}: {p['num_layers']} layers, hidden {p['hidden_size']}, exits after "
+                         f"{', '.join(map(str, p['exits']))}" for name, p in sorted(PRESETS.items())))
     new.add_argument("--tokenizer", type=Path, default=None,
                      help="tokenizer.json to ship with the family; sets vocab_size to its size")
     new.add_argument("--exits", type=int, nargs="+", default=None,
@@ -191,9 +195,11 @@ def run_export_hf(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from flow.artifact import MEMBERS_DIR, read_manifest
+    from flow.artifact import MEMBERS_DIR, WEIGHTS_FILE, read_manifest
 
-    manifest = read_manifest(args.family, verify=True)
+    # A device's copy of a family carries family.json, tokenizer.json and its members only.
+    device_copy = (args.family / "family.json").is_file() and not (args.family / WEIGHTS_FILE).is_file()
+    manifest = read_manifest(args.family, verify=not device_copy, weights=not device_copy)
     config = manifest.config
     members = [{"exit": k, "exit_layer": layer, "layers": config.member_num_layers(k),
                 "parameters": config.member_parameters(k),
@@ -211,7 +217,8 @@ def run_info(args: argparse.Namespace) -> None:
           f"MLP {c.intermediate_size}, "
           f"heads {c.num_heads} (kv {c.num_kv_heads}) x {c.head_dim}, vocab {c.vocab_size}, "
           f"context {c.max_seq_len}, {manifest.weights_dtype}")
-    print(f"parameters {c.total_parameters():,} stored")
+    print(f"parameters {c.total_parameters():,} stored" + (
+        f" (not in this copy: a device copy, without {WEIGHTS_FILE})" if device_copy else ""))
     tokenizer = manifest.tokenizer.name if manifest.tokenizer else "none"
     print(f"tokenizer  {tokenizer}")
     print(f"provenance {describe_provenance(manifest.provenance)}")

@@ -38,8 +38,8 @@ def test_serve_flags_are_the_engine_limits_with_their_defaults():
     add_flags(parser, EngineLimits)
     assert from_flags(EngineLimits, parser.parse_args([])) == EngineLimits()
     args = parser.parse_args(["--max-sessions", "3", "--max-rows", "5", "--max-batch-rows", "7",
-                              "--session-ttl", "1.5", "--max-context", "11"])
-    assert from_flags(EngineLimits, args) == EngineLimits(3, 5, 7, 1.5, 11)
+                              "--session-ttl", "1.5", "--max-context", "11", "--max-top-k", "13"])
+    assert from_flags(EngineLimits, args) == EngineLimits(3, 5, 7, 1.5, 11, 13)
     assert all("flag" in field.metadata for field in dataclasses.fields(EngineLimits))
     assert "(default 600)" in parser.format_help()
 

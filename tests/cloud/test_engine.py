@@ -303,6 +303,7 @@ def test_every_validation_rule_raises_and_leaves_sessions_working(family):
         "negative start": (InvalidRequest, dict(start=-1, rollback=True)),
         "start not an integer": (InvalidRequest, dict(start=3.0)),
         "negative top_k": (InvalidRequest, dict(top_k=-1)),
+        "top_k beyond the limit": (InvalidRequest, dict(top_k=257)),
         "start behind frontier": (FrontierMismatch, dict(start=2)),
         "start beyond frontier": (FrontierMismatch, dict(start=5)),
         "rollback beyond frontier": (FrontierMismatch, dict(start=4, rollback=True)),

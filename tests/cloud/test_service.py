@@ -195,10 +195,13 @@ def bad_requests(family, session_id, hidden):
             session_id=session_id, start=5, hidden=good), grpc.StatusCode.FAILED_PRECONDITION),
         ("unknown session", "Continue", tier_pb2.ContinueRequest(session_id="nope", hidden=good),
          grpc.StatusCode.NOT_FOUND),
-        ("empty prompt", "Generate", tier_pb2.GenerateRequest(max_new_tokens=3),
+        ("empty prompt", "Generate", tier_pb2.GenerateRequest(
+            family_hash=family.family_hash(), max_new_tokens=3), grpc.StatusCode.INVALID_ARGUMENT),
+        ("token outside the vocabulary", "Generate", tier_pb2.GenerateRequest(
+            family_hash=family.family_hash(), token_ids=[10**6], max_new_tokens=3),
          grpc.StatusCode.INVALID_ARGUMENT),
-        ("token outside the vocabulary", "Generate",
-         tier_pb2.GenerateRequest(token_ids=[10**6], max_new_tokens=3), grpc.StatusCode.INVALID_ARGUMENT),
+        ("generate without the family hash", "Generate",
+         tier_pb2.GenerateRequest(token_ids=[1, 2], max_new_tokens=3), grpc.StatusCode.INVALID_ARGUMENT),
     ]
 
 
@@ -295,8 +298,12 @@ def test_authentication_and_session_ownership(device_family, stub):
 
 def test_health_and_reflection(server):
     channel = grpc.insecure_channel(server)
-    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="flow.v1.Tier"))
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service="flow.v1.Tier"))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+    listed = health.List(health_pb2.HealthListRequest()).statuses
+    assert {name: s.status for name, s in listed.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING, "flow.v1.Tier": health_pb2.HealthCheckResponse.SERVING}
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
@@ -407,7 +414,25 @@ def test_metrics_count_requests_codes_rows_and_engine_state(device_family, worke
     assert 'flow_requests_total{code="OK",method="Continue"} 5.0' in text
     assert 'flow_requests_total{code="INVALID_ARGUMENT",method="Continue"} 1.0' in text  # no tensor
     assert f"flow_rows_received_total {len(PROMPTS[0]) + 4}.0" in text, text
-    assert "flow_engine_batch_rows_count" in text and "flow_engine_kv_bytes_total" in text
+    assert "flow_engine_step_rows_count" in text and "flow_engine_kv_cache_allocated_bytes" in text
+    check_metric_names(text)
+
+
+def check_metric_names(text: str) -> None:
+    """The conventions `promtool check metrics` enforces: `_total` only on counters, units as
+    suffixes (bytes, seconds), help on every metric."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        name = family.name
+        if name.endswith("_created"):  # the client library's standard creation timestamps
+            continue
+        assert family.documentation, name
+        if family.type != "counter":
+            assert not name.endswith("_total"), name
+        for unit in ("bytes", "seconds"):
+            if unit in name:
+                assert name.endswith(f"_{unit}"), name
 
 
 def test_a_session_answers_only_the_identity_that_opened_it(device_family, workers):
@@ -449,7 +474,8 @@ def stream_in_flight_at_shutdown(device_family, resume_worker: bool, grace_s: fl
     def long_generation():
         tokens = outcome.setdefault("tokens", [])
         try:
-            stream = GrpcTier(address, timeout=60).generate([1, 2, 3], 24)
+            stream = GrpcTier(address, timeout=60).generate([1, 2, 3], 24,
+                                                            family_hash=family.family_hash())
             started.set()
             for token in stream:
                 tokens.append(token)

@@ -74,3 +74,16 @@ def test_flow_generate_command_runs_without_torch(device_copy):
     """)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(PROMPT) and "5 tokens" in result.stderr
+
+
+def test_flow_info_describes_a_device_copy_without_torch(device_copy):
+    """Catches: `flow info` refusing the device copy the README describes (no weights file)."""
+    result = run_without_torch(f"""
+        import sys
+        from flow.cli.main import main
+        sys.argv = ["flow", "info", {str(device_copy)!r}]
+        main()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "a device copy, without weights.safetensors" in result.stdout
+    assert "device.onnx (sha256 " in result.stdout

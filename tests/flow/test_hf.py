@@ -134,3 +134,22 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
     with pytest.raises(Exception, match="safetensors only"):
         Family.from_hf(src, exits=[1])
+
+
+def test_an_exported_member_pads_and_stops_with_the_familys_end_token(tmp_path, device_family):
+    """Catches: a member exported without a pad token or generation config, on which batched
+    `generate` has nothing to pad with and falls back to its own defaults."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    family = device_family[1]
+    exported = family.export_hf(tmp_path / "member0", exit=0)
+    end = family.stop_token_ids()[0]
+    generation = GenerationConfig.from_pretrained(exported)
+    assert generation.pad_token_id == end and generation.eos_token_id == end
+    assert generation.do_sample is False and generation.max_length == family.config.max_seq_len
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert tokenizer.pad_token_id == end
+    batch = tokenizer(["def f(x):", "import os\nprint(1)"], return_tensors="pt", padding=True)
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 4)

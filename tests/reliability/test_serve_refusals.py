@@ -1,0 +1,31 @@
+"""`flow serve` refuses settings it cannot honour in one line, before serving anything."""
+
+import pytest
+
+from runs import flow
+
+
+@pytest.fixture
+def empty(tmp_path):
+    path = tmp_path / "empty.pem"
+    path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tls-cert", "{empty}", "--tls-key", "{empty}"], "are not a PEM certificate and its private key"),
+    (["--tls-cert", "{missing}", "--tls-key", "{empty}"], "no such file"),
+    (["--tls-cert", "{empty}"], "--tls-cert and --tls-key go together"),
+    (["--port", "99999"], "port must be in 0..65535"),
+    (["--token-file", "{empty}"], "holds no token"),
+])
+def test_flow_serve_refuses_what_it_cannot_honour_in_one_line(device_family, tmp_path, empty,
+                                                               flags, message):
+    """Catches: TLS asked for with unusable files served as plaintext, a port out of range bound
+    to a random one, and any of these ending in a traceback."""
+    flags = [f.format(empty=empty, missing=tmp_path / "missing.pem") for f in flags]
+    result = flow("serve", device_family[0], *flags, check=False, timeout=120)
+    assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
+    assert "listening on" not in result.stdout
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
