@@ -4,10 +4,17 @@ A checkpoint is complete only once the run directory's `latest` names it (`train
 run killed mid-save resumes from the previous one. The model half can be loaded under any (TP, PP)
 layout (that is how `flow convert` reads a TP×PP checkpoint into one process); the optimizer half
 maps onto the same parameters.
+
+A checkpoint is code: torch's distributed checkpoint reader unpickles its `.metadata`, so loading a
+crafted one runs whatever it says. Each save therefore records the SHA-256 of every file it wrote
+(`flow_checkpoint.json`), and loading refuses a directory whose files are not exactly those unless
+the caller trusts it (`flow convert --trust-checkpoint`). The record guards against a checkpoint
+that was swapped or edited; whoever can rewrite the record too must be kept out of the directory.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +26,43 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 
+from flow.artifact import file_sha256
+from flow.errors import ArtifactError
+from flow.fsutil import atomic_file
 from training.run_dir import iteration_dir, mark_latest
+
+MANIFEST = "flow_checkpoint.json"  # in each iter_* directory: {"files": {relative path: sha256}}
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): file_sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def _record_files(directory: Path) -> None:
+    record = json.dumps({"files": _file_hashes(directory)}, indent=1) + "\n"  # before the temp file
+    with atomic_file(directory / MANIFEST) as tmp:
+        tmp.write_text(record)
+
+
+def check_written_by_flow(directory: Path) -> None:
+    """`ArtifactError` unless `directory` holds exactly the files a `save` recorded."""
+    trust_hint = ("loading a checkpoint unpickles its .metadata, so a crafted one runs code; if "
+                  "you trust where it came from, convert it with `flow convert --trust-checkpoint`")
+    record = directory / MANIFEST
+    if not record.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST}: flow train did not write it (or an "
+                            f"older flow did); {trust_hint}")
+    try:
+        recorded = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{record} is not a record flow train wrote; {trust_hint}") from None
+    actual = _file_hashes(directory)
+    changed = sorted(name for name in set(actual) | set(recorded) if actual.get(name) != recorded.get(name))
+    if changed:
+        raise ArtifactError(f"{directory}: {', '.join(changed[:4])}{' …' if len(changed) > 4 else ''} "
+                            f"are not the files flow train wrote (added, removed or changed); "
+                            f"{trust_hint}")
 
 
 def _optimizer_sharded_state(optimizer: torch.optim.Optimizer, model_state: dict) -> dict:
@@ -48,13 +91,19 @@ def save(root: Path, step: int, model, optimizer: torch.optim.Optimizer, extra: 
     dist_checkpointing.save(state, str(target))
     dist.barrier()
     if dist.get_rank() == 0:
+        _record_files(target)
         mark_latest(root, step)
     dist.barrier()
     return target
 
 
-def load(path: Path, model, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load a checkpoint into this rank's model (and optimizer); return its common state."""
+def load(path: Path, model, optimizer: torch.optim.Optimizer | None, trust: bool = False) -> dict:
+    """Load a checkpoint into this rank's model (and optimizer); return its common state.
+
+    Unless `trust`, the checkpoint's files must be the ones its `save` recorded.
+    """
+    if not trust:
+        check_written_by_flow(Path(path))
     model_state = model.sharded_state_dict()
     state: dict = {"model": model_state}
     if optimizer is not None:

@@ -30,10 +30,17 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     convert = subcommands.add_parser(
         "convert", help="convert a megatron-core checkpoint into a family directory",
         description="Load a `flow train` checkpoint of any TP x PP layout into one process and "
-                    "write it as a family artifact.")
+                    "write it as a family artifact. A checkpoint is code: torch's checkpoint "
+                    "reader unpickles its .metadata, so a crafted one runs whatever it says. "
+                    "flow train records the SHA-256 of every file it writes, and convert refuses "
+                    "a checkpoint whose files differ unless --trust-checkpoint is given.")
     convert.add_argument("checkpoint", type=Path, help="run directory (newest checkpoint) or iter_* directory")
     convert.add_argument("family", type=Path, help="family directory to write")
     convert.add_argument("--force", action="store_true", help="replace FAMILY if it exists")
+    convert.add_argument("--trust-checkpoint", action="store_true",
+                         help="load a checkpoint flow train did not record (from an older flow, or "
+                              "edited): only one whose source you trust, since loading runs its "
+                              "pickled metadata")
     convert.set_defaults(handler=run_convert)
 
 
@@ -53,6 +60,7 @@ def run_train(args: argparse.Namespace) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     from training.export import checkpoint_to_family
 
-    manifest = checkpoint_to_family(args.checkpoint, args.family, overwrite=args.force)
+    manifest = checkpoint_to_family(args.checkpoint, args.family, overwrite=args.force,
+                                    trust=args.trust_checkpoint)
     print(f"wrote {args.family}: hash {manifest.family_hash[:16]}, "
           f"{manifest.provenance.get('steps')} steps")

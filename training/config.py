@@ -27,6 +27,7 @@ from typing import Any
 from flow.config import PRESETS, FamilyConfig, preset, with_final_exit
 from flow.errors import ConfigError, DataError
 
+INIT_SOURCES = ("random", "hf", "family")
 VOCAB_MULTIPLE = 128  # padded vocabulary: divisible by any tensor-parallel size up to 128
 
 
@@ -55,6 +56,14 @@ class InitSection:
     source: str = "random"  # random | hf | family
     path: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # checked here, not in `validate`: the plan reads the start's tokenizer before validating
+        # (whether `path` exists is `validate`'s: a saved plan is read where it may not)
+        if self.source not in INIT_SOURCES:
+            raise ConfigError(f"init.source {self.source!r} is not one of {', '.join(INIT_SOURCES)}")
+        if self.source != "random" and not self.path:
+            raise ConfigError(f"init.path must name a directory for init.source={self.source}")
 
 
 @dataclass
@@ -249,6 +258,9 @@ class TrainConfig:
         for name in ("tensor", "pipeline", "data"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
+        for name in ("micro_batch_size", "global_batch_size"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
         if family.num_heads % p.tensor or family.num_kv_heads % p.tensor:
             raise ConfigError(
                 f"parallel.tensor={p.tensor} must divide the attention heads ({family.num_heads}) and "
@@ -272,12 +284,12 @@ class TrainConfig:
             raise ConfigError("train.steps must be >= 1, train.lr > 0, min_lr and warmup_steps >= 0")
         if e.schedule not in ("constant", "warmup", "decay"):
             raise ConfigError(f"exit_loss.schedule {e.schedule!r} is not one of constant, warmup, decay")
-        if any(w < 0 for w in self.exit_weights(family.num_exits)):
-            raise ConfigError("exit_loss.weights must be >= 0")
+        weights = self.exit_weights(family.num_exits)
+        if not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w)
+                   and w >= 0 for w in weights):
+            raise ConfigError(f"exit_loss.weights must be finite numbers >= 0, got {weights}")
         self._validate_exit_tuning(family)
-        if self.init.source not in ("random", "hf", "family"):
-            raise ConfigError(f"init.source {self.init.source!r} is not one of random, hf, family")
-        if self.init.source != "random" and not (self.init.path and Path(self.init.path).is_dir()):
+        if self.init.source != "random" and not Path(self.init.path).is_dir():
             raise ConfigError(f"init.path {self.init.path!r} must be an existing directory for "
                               f"init.source={self.init.source}")
         if self.eval.interval < 1 or self.checkpoint.interval < 1 or self.eval.batches < 1:
@@ -322,4 +334,17 @@ def _section(section_type: Any, name: str, data: Any) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} in section {name!r}; known: {sorted(known)}")
+    for spec in dataclasses.fields(cls):
+        if spec.name in data:
+            _check_number(f"{name}.{spec.name}", spec.type, data[spec.name])
     return cls(**data)
+
+
+def _check_number(name: str, annotation: str, value: Any) -> None:
+    """`ConfigError` unless a field annotated `int` holds an integer and one annotated `float` a
+    finite number (YAML reads `.nan`, `.inf` and `2.5` as easily as `3`)."""
+    if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if annotation == "float" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")

@@ -17,20 +17,25 @@ from training import run_dir
 from training.plan import RunPlan
 
 
-def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = False) -> FamilyManifest:
-    """Convert the checkpoint at `path` (an iteration or a run directory) into a family at `out`."""
+def checkpoint_to_family(path: Path | str, out: Path | str, overwrite: bool = False,
+                         trust: bool = False) -> FamilyManifest:
+    """Convert the checkpoint at `path` (an iteration or a run directory) into a family at `out`.
+
+    Unless `trust`, the checkpoint must hold exactly the files `flow train` recorded when it wrote
+    it (`training.checkpoint`: loading one unpickles it)."""
     from flow.family import Family
 
     iteration = run_dir.resolve(path)
     plan = RunPlan.load(iteration.parent)
-    tensors, common = _load_family_tensors(iteration, plan)
+    tensors, common = _load_family_tensors(iteration, plan, trust)
     family = Family.from_tensors(plan.family, {k: v.to(torch.float32) for k, v in tensors.items()},
                                  tokenizer=plan.tokenizer, provenance=_provenance(plan, iteration, common),
                                  stop_tokens=plan.stop_tokens)
     return family.save(out, overwrite=overwrite)
 
 
-def _load_family_tensors(iteration: Path, plan: RunPlan) -> tuple[dict[str, torch.Tensor], dict]:
+def _load_family_tensors(iteration: Path, plan: RunPlan,
+                         trust: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """The checkpoint's tensors under the family's names, and its common state (step, extra)."""
     from training import checkpoint
     from training.convert import megatron_to_family
@@ -40,7 +45,7 @@ def _load_family_tensors(iteration: Path, plan: RunPlan) -> tuple[dict[str, torc
     initialize(tensor=1, pipeline=1, seed=0)
     try:
         model = build_model(plan.family, spec=("local", local_layer_spec(plan.family)))
-        common = checkpoint.load(iteration, model, optimizer=None)
+        common = checkpoint.load(iteration, model, optimizer=None, trust=trust)
         return megatron_to_family(model.state_dict(), plan.family), common
     finally:
         shutdown()

@@ -53,6 +53,12 @@ def test_frozen_backbone_trains_only_the_early_exits(corpus, tmp_path):
      "needs every early exit on the last pipeline stage (layers 2..3), where the teacher is; exits after layers [0, 1]"),
     (dict(model={"exits": []}, train={"freeze_backbone": True}), "freeze_backbone leaves nothing to train"),
     (dict(data={"tokens": "/nonexistent"}), "data.tokens /nonexistent has no token streams"),
+    (dict(train={"lr": float("nan")}), "train.lr must be a finite number, got nan"),
+    (dict(train={"lr": -1.0}), "train.lr > 0"),
+    (dict(exit_loss={"weights": [1, float("nan"), 1, 1]}), "exit_loss.weights must be finite numbers >= 0"),
+    (dict(train={"micro_batch_size": 0}), "train.micro_batch_size must be >= 1, got 0"),
+    (dict(train={"steps": 2.5}), "train.steps must be an integer, got 2.5"),
+    (dict(init={"source": "magic"}), "init.source 'magic' is not one of random, hf, family"),
 ])
 def test_bad_configs_are_refused_before_any_process_starts(corpus, tmp_path, sections, message):
     started = time.perf_counter()
@@ -114,3 +120,27 @@ def test_training_starts_from_a_hugging_face_checkpoint(corpus, tmp_path):
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), windows[:, 1:].reshape(-1)).item()
     assert first[-1] == pytest.approx(expected, rel=1e-4)
     assert Family.load(tmp_path / "run" / "family").config.exits == (1, 3)
+
+
+def test_a_checkpoint_flow_train_did_not_write_is_refused_unless_trusted(corpus, tmp_path):
+    """Catches: `flow convert` (which unpickles the checkpoint's metadata) loading a checkpoint
+    whose files were swapped, edited or never recorded, without the user saying they trust it."""
+    flow("train", "--config", write_config(tmp_path, corpus, train={"steps": 2},
+                                           checkpoint={"interval": 2}, eval={"interval": 2}))
+    (iteration,) = (tmp_path / "ckpt").glob("iter_*")
+    record = iteration / "flow_checkpoint.json"
+    assert record.is_file()
+    flow("convert", tmp_path / "ckpt", tmp_path / "converted")  # as written: converts
+    expected = Family.load(tmp_path / "family").family_hash()
+    assert Family.load(tmp_path / "converted").family_hash() == expected
+    metadata = iteration / ".metadata"
+    metadata.write_bytes(metadata.read_bytes() + b"\0")
+    refused = flow("convert", tmp_path / "ckpt", tmp_path / "edited", check=False)
+    assert refused.returncode == 1 and ".metadata are not the files flow train wrote" in refused.stderr
+    assert not (tmp_path / "edited").exists()
+    metadata.write_bytes(metadata.read_bytes()[:-1])
+    record.unlink()
+    refused = flow("convert", tmp_path / "ckpt", tmp_path / "unrecorded", check=False)
+    assert refused.returncode == 1 and "has no flow_checkpoint.json" in refused.stderr
+    flow("convert", tmp_path / "ckpt", tmp_path / "trusted", "--trust-checkpoint")
+    assert Family.load(tmp_path / "trusted").family_hash() == expected
