@@ -48,10 +48,11 @@ $(SMOL)/tokens/tokens.json: $(RUN)/corpus/corpus.json $(SMOL)/imported/family.js
 	$(BIN)/flow tokenize $(RUN)/corpus --tokenizer $(SMOL)/imported/tokenizer.json --out $(SMOL)/tokens
 
 # A stopped run resumes from its newest checkpoint.
-$(SMOL)/family/family.json: $(SMOL)/tokens/tokens.json configs/smollm2.yaml
+$(SMOL)/family/family.json $(SMOL)/family/weights.safetensors &: $(SMOL)/tokens/tokens.json configs/smollm2.yaml
 	$(BIN)/flow train --config configs/smollm2.yaml
 
-$(SMOL)/family/members/1/device.int8.onnx: $(SMOL)/family/family.json
+# Members follow the weights, not family.json: export records the members' hashes in family.json.
+$(SMOL)/family/members/1/device.int8.onnx: $(SMOL)/family/weights.safetensors
 	$(BIN)/flow export-onnx $(SMOL)/family --exit 0 --exit 1 --int8
 
 $(SMOL)/family/members/%/calibration.json: $(SMOL)/family/members/1/device.int8.onnx
