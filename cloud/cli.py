@@ -42,9 +42,15 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                        help="engine worker processes (ZeroMQ); 0 (default) runs the engine in this "
                             "process")
     serve.add_argument("--bind", default=None,
-                       help="ROUTER endpoint workers connect to (default an ipc:// path; "
-                            "tcp://0.0.0.0:5555 lets `python -m cloud.engine.worker` join from "
-                            "other hosts)")
+                       help="ROUTER endpoint workers connect to (default an ipc:// path in a "
+                            "private directory; tcp://0.0.0.0:5555 lets `python -m "
+                            "cloud.engine.worker --worker-key FILE` join from other hosts, and "
+                            "needs --worker-key)")
+    serve.add_argument("--worker-key", type=Path, default=None,
+                       help="the workers' key file (ZeroMQ CURVE), needed with --bind tcp://; "
+                            "make one with `python -m cloud.engine.keys FILE` and give the same "
+                            "file to each `python -m cloud.engine.worker --worker-key` (default: "
+                            "a fresh key that only the local --workers get)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off)")
     serve.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -123,9 +129,9 @@ def run_serve(args: argparse.Namespace) -> None:
     next_token = (args.next_token_file.read_text().splitlines()[0].strip()
                   if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,
-                    endpoint=args.bind, metrics_port=args.metrics_port, to_exit=args.to_exit,
-                    next_address=args.next, policy=args.policy, threshold=args.threshold,
-                    next_token=next_token)
+                    endpoint=args.bind, worker_key=args.worker_key, metrics_port=args.metrics_port,
+                    to_exit=args.to_exit, next_address=args.next, policy=args.policy,
+                    threshold=args.threshold, next_token=next_token)
     # The first stdout line names the address: scripts started with --port 0 read it.
     asyncio.run(serve(spec, ready=lambda server: print(f"listening on {server.address}", flush=True)))
 

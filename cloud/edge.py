@@ -3,7 +3,9 @@
 `flow serve FAMILY --from-exit K --to-exit J --next HOST:PORT` chains tiers (device → edge →
 cloud, the AI Flow hierarchy). The edge's engine runs blocks `e_K+1 .. e_J` and exit J's branch
 and hands back the rows after block `e_J`; per session the edge keeps those rows and its own
-session on the next tier (`flow.escalation.Escalation`, the same bookkeeping a device uses):
+session on the next tier (`flow.escalation.Escalation`, the same bookkeeping a device uses),
+under the session's owner and id, so a caller naming another identity's session id reaches
+nothing of it here either:
 
 - `exit` mode (the device wants the next token at the last row): if exit J's confidence passes
   the policy the edge answers with exit J's token; otherwise it sends the next tier every row it
@@ -45,8 +47,9 @@ class EdgeEngineClient:
         self.inner, self.next_tier, self.exit_policy = inner, next_tier, exit_policy
         self.family_hash, self.to_exit, self.codec = family_hash, to_exit, codec
         self.hidden_size, self.max_seq_len = hidden_size, max_seq_len
-        self._escalations: dict[str, Escalation] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # by (owner, session id): the inner engine answers only a session's owner, and so does this
+        self._escalations: dict[tuple[str, str], Escalation] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def start(self) -> None:
         await self.inner.start()
@@ -59,16 +62,17 @@ class EdgeEngineClient:
 
     async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
                         return_all: bool, top_k: int, rollback: bool) -> Answer:
-        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        key = (owner, session_id)
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:  # one request at a time per session: the rows and frontier are shared
             try:
                 answer = await self.inner.continue_(session_id, owner, start, rows,
                                                     return_all=return_all, top_k=top_k,
                                                     rollback=rollback)
             except SessionLost:  # evicted or expired here: its rows upstream are stale too
-                self._forget(session_id)
+                self._forget(key)
                 raise
-            escalation = self._escalation(session_id)
+            escalation = self._escalation(key)
             escalation.keep(start)  # what the device discarded (rollback) is gone here too
             escalation.record(start, answer.handoff)
             if not return_all and answer.scores[-1] >= self.exit_policy.threshold:
@@ -90,7 +94,7 @@ class EdgeEngineClient:
 
     async def close(self, session_id: str, owner: str) -> None:
         await self.inner.close(session_id, owner)
-        escalation = self._forget(session_id)
+        escalation = self._forget((owner, session_id))
         if escalation is not None:
             await asyncio.to_thread(escalation.close)
 
@@ -102,13 +106,14 @@ class EdgeEngineClient:
     async def stats(self) -> dict:
         return await self.inner.stats()
 
-    def _escalation(self, session_id: str) -> Escalation:
-        if session_id not in self._escalations:
-            self._escalations[session_id] = Escalation(
+    def _escalation(self, key: tuple[str, str]) -> Escalation:
+        if key not in self._escalations:
+            self._escalations[key] = Escalation(
                 self.next_tier, self.family_hash, self.to_exit, self.codec, self.hidden_size,
                 self.max_seq_len)
-        return self._escalations[session_id]
+        return self._escalations[key]
 
-    def _forget(self, session_id: str) -> Escalation | None:
-        self._locks.pop(session_id, None)
-        return self._escalations.pop(session_id, None)
+    def _forget(self, key: tuple[str, str]) -> Escalation | None:
+        """Drop the state of (owner, session id), if any; returns its escalation."""
+        self._locks.pop(key, None)
+        return self._escalations.pop(key, None)

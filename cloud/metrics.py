@@ -25,7 +25,9 @@ _GAUGES = {"sessions": ("flow_engine_sessions", "open continuation sessions"),
 _COUNTERS = {"evictions": ("flow_engine_evictions", "idle sessions evicted for room"),
              "expired": ("flow_engine_expirations", "idle sessions expired"),
              "steps": ("flow_engine_steps", "engine steps"),
-             "rows": ("flow_engine_rows", "rows run through the blocks")}
+             "rows": ("flow_engine_rows", "rows run through the blocks"),
+             "dropped_frames": ("flow_engine_dropped_frames",
+                                "malformed worker-channel messages dropped")}
 
 
 class _EngineCollector:

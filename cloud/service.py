@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ class TierSpec:
     limits: EngineLimits | None = None  # None = defaults
     server: ServerConfig = field(default_factory=ServerConfig)
     workers: int = 0  # engine worker processes to spawn; 0 = the engine runs in this process
-    endpoint: str | None = None  # ROUTER endpoint for workers (default: an ipc:// path)
+    endpoint: str | None = None  # ROUTER endpoint for workers (default: a private ipc:// path)
+    worker_key: Path | None = None  # the workers' key file (default: a fresh key, local workers only)
     metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
     # An edge tier: answer at exit `to_exit` when its `policy` passes `threshold` (None: the
     # policy's default), else forward to the tier at `next_address` (a `flow.tier.NextTier`
@@ -69,11 +69,13 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
                           f"HOST:PORT of the tier to forward to")
     engine_config = EngineConfig(limits, to_exit=spec.to_exit if edge else None, policy=spec.policy)
     if spec.workers or spec.endpoint:
+        from cloud.engine.keys import WorkerKey
         from cloud.engine.multiprocess import MultiprocessEngineClient
 
-        engine = MultiprocessEngineClient(spec.endpoint or _ipc_endpoint(), family.family_hash(),
-                                          engine_config, spec.family_dir, spec.workers,
-                                          on_step=metrics.observe_step)
+        worker_key = WorkerKey.load(spec.worker_key) if spec.worker_key is not None else None
+        engine = MultiprocessEngineClient(spec.endpoint, family.family_hash(), engine_config,
+                                          spec.family_dir, spec.workers,
+                                          on_step=metrics.observe_step, worker_key=worker_key)
     else:
         from cloud.engine.core import Engine
         from cloud.engine.in_process import InProcessEngineClient
@@ -94,12 +96,6 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
     service = TierService(engine, family.family_hash(), config.vocab_size, spec.server,
                           max_rows=limits.max_rows_per_request, metrics=metrics)
     return TierServer(service, spec.server), engine
-
-
-def _ipc_endpoint() -> str:
-    import tempfile
-
-    return f"ipc://{tempfile.gettempdir()}/flow-engine-{os.getpid()}-{id(object())}.sock"
 
 
 async def serve(spec: TierSpec, ready=None, family=None) -> None:

@@ -12,6 +12,8 @@
     multiprocess.py  `MultiprocessEngineClient`: engines in worker processes behind ZeroMQ
     worker.py        the worker process (`python -m cloud.engine.worker FAMILY --connect ...`)
     frames.py        the messages between the front end and its workers
+    keys.py          `WorkerKey`: the CURVE key pair that admits workers (`python -m
+                     cloud.engine.keys FILE` writes one)
 
 `Engine`, `EngineLimits`, `EngineConfig` and `Work` are importable from here. `Engine` (torch) is
 imported on first use: every `flow` command, on a device too, registers `flow serve`'s flags from

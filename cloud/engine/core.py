@@ -125,15 +125,17 @@ class Engine:
         self.pool.touch(session)
         return session.frontier
 
-    def close(self, session_id: str, owner: str) -> None:
-        """Free the session's slot. Idempotent, and silent about sessions of other owners."""
+    def close(self, session_id: str, owner: str) -> bool:
+        """Free the session's slot; whether it was open. Idempotent, and silent about sessions
+        of other owners (False: nothing was closed)."""
         session = self.pool.sessions.get(session_id) if isinstance(session_id, str) else None
         if session is None or session.owner != owner or session.generating:
-            return
+            return False
         work = session.job.work if session.job is not None else None
         self._drop(session)
         if work is not None:
             self._finish(work, error=SessionLost("the session was closed before this request ran"))
+        return True
 
     def expire_idle(self) -> int:
         """Drop the sessions idle for longer than the TTL; returns how many."""

@@ -7,7 +7,10 @@ header lists in `"parts"`, in that order:
     "answer"   a serialized `flow.v1.ContinueResponse` (`Answer.to_pb`)
     "rows"     raw little-endian float32 rows, of the header's `"shape"` [rows, hidden]
 
-Never pickle: a worker reachable over tcp:// executes nothing it is sent.
+Never pickle: a worker reachable over tcp:// executes nothing it is sent. The channel is
+authenticated (ZeroMQ CURVE with the worker key, `cloud.engine.keys`), yet each side still checks
+every message: one that `unpack` cannot read (`MalformedFrame`), or with no known op, is logged,
+counted (`dropped_frames`) and dropped, never fatal; a request missing its fields is refused.
 
 Worker -> front end (the joining handshake, then answers and heartbeats):
 
@@ -17,17 +20,20 @@ Worker -> front end (the joining handshake, then answers and heartbeats):
                                                                     config; or, with "error", why
                                                                     it could not be, and it exits
     heartbeat  {"op": "heartbeat", "stats", "steps"}                every `HEARTBEAT_S`: the
-                                                                    engine's counters, and
+                                                                    engine's counters (and the
+                                                                    worker's "dropped_frames"),
                                                                     [rows, seconds] per step since
     answers    {"id", ...}                                          to the request `id`:
                open      "session_id", "frontier"
                rollback  "frontier"
-               close     nothing more
+               close     "closed": whether a session of that owner was open and is now closed
                continue  "done": true, part "answer", "scores" (an edge engine's confidence per
                          answered row), and part "rows" (an edge engine's hand-off rows)
                generate  {"id", "token"} per token as it is made, then {"id", "done": true}
     refusals   {"id", "error": {"code", "message", "trailers"}}     a `flow.status` status; with
                                                                     "done" when queued work failed
+
+The front end takes an answer only from the worker its request went to.
 
 Front end -> worker:
 
@@ -54,6 +60,11 @@ from flow.tier import Answer, TierError
 from flow.v1 import tier_pb2
 
 HEARTBEAT_S = 0.5  # how often a worker reports; the front end buries one silent for longer
+_PART_NAMES = ("answer", "rows")
+
+
+class MalformedFrame(ValueError):
+    """A message that is not one of these frames; whoever received it drops it."""
 
 
 def pack(header: dict, rows: np.ndarray | None = None,
@@ -73,15 +84,39 @@ def pack(header: dict, rows: np.ndarray | None = None,
 
 
 def unpack(frames: list[bytes]) -> tuple[dict, np.ndarray | None, Answer | None]:
-    """(header, rows or None, `Answer` or None) of a message's frames."""
-    header = json.loads(frames[0])
-    parts = dict(zip(header.get("parts", ()), frames[1:], strict=True))
+    """(header, rows or None, `Answer` or None) of a message's frames; `MalformedFrame` when they
+    are not a message: no JSON object first, parts missing, unknown or extra, rows whose shape
+    is not [rows, hidden] of their size, an answer that is not a `ContinueResponse`."""
+    try:
+        header = json.loads(frames[0])
+    except (IndexError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedFrame(f"no JSON header ({err})") from None
+    if not isinstance(header, dict):
+        raise MalformedFrame(f"the header is a JSON {type(header).__name__}, not an object")
+    names = header.get("parts", [])
+    if (not isinstance(names, list) or len(names) != len(frames) - 1
+            or len(set(names)) != len(names) or not set(names) <= set(_PART_NAMES)):
+        raise MalformedFrame(f"parts {names!r} do not name the {len(frames) - 1} frames after "
+                             f"the header (each of {_PART_NAMES} at most once)")
+    parts = dict(zip(names, frames[1:], strict=True))
     rows = answer = None
     if "rows" in parts:
-        rows = np.frombuffer(parts["rows"], dtype="<f4").reshape(header["shape"]).astype(np.float32)
+        shape = header.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                and shape[0] * shape[1] * 4 == len(parts["rows"])):
+            raise MalformedFrame(f"rows of {len(parts['rows'])} bytes with shape {shape!r}: "
+                                 f"not float32 [rows, hidden]")
+        rows = np.frombuffer(parts["rows"], dtype="<f4").reshape(shape).astype(np.float32)
     if "answer" in parts:
-        answer = Answer.from_pb(tier_pb2.ContinueResponse.FromString(parts["answer"]))
-        answer.scores, answer.handoff = header.get("scores", []), rows
+        scores = header.get("scores", [])
+        if not (isinstance(scores, list) and all(isinstance(v, int | float) for v in scores)):
+            raise MalformedFrame(f"scores {scores!r} are not a list of numbers")
+        try:
+            answer = Answer.from_pb(tier_pb2.ContinueResponse.FromString(parts["answer"]))
+        except Exception as err:  # noqa: BLE001 - protobuf raises several types on bad bytes
+            raise MalformedFrame(f"the answer is not a ContinueResponse ({err})") from None
+        answer.scores, answer.handoff = scores, rows
     return header, rows, answer
 
 
@@ -93,6 +128,10 @@ def error_header(err: Exception) -> dict:
 
 
 def error_from_header(header: dict) -> Exception:
-    """The error a worker reported with `error_header`."""
-    error = header["error"]
-    return error_of(error["code"], error["message"], [tuple(t) for t in error["trailers"]])
+    """The error a worker reported with `error_header` (a `TierError` if it is unreadable)."""
+    error = header.get("error")
+    try:
+        return error_of(error["code"], error["message"], [tuple(t) for t in error["trailers"]])
+    except (KeyError, TypeError, ValueError):
+        return TierError(f"an engine worker refused the request with an unreadable error: "
+                         f"{str(error)[:200]}")

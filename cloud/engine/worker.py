@@ -1,18 +1,22 @@
 """An engine worker process: the model blocks and KV caches, behind a ZeroMQ DEALER socket.
 
-    python -m cloud.engine.worker FAMILY --connect ipc:///tmp/flow.sock     (or tcp://frontend:5555)
+    python -m cloud.engine.worker FAMILY --connect tcp://frontend:5555 --worker-key worker.key
 
 The front end (`cloud.engine.multiprocess`) binds a ROUTER; a worker loads the family, connects a
-DEALER and says HELLO with its family hash (a worker of another family is turned away). The front
-end answers with the tier's `EngineConfig`, so every worker, local or on another host, serves with
-the tier's limits; the worker builds its engine from it, says READY, then serves commands between
-engine steps and sends a heartbeat every `HEARTBEAT_S` so the front end notices a dead worker.
-The messages are `cloud.engine.frames`.
+DEALER as a CURVE client with the worker key (`cloud.engine.keys`; the front end admits no one
+without it) and says HELLO with its family hash (a worker of another family is turned away). The
+front end answers with the tier's `EngineConfig`, so every worker, local or on another host,
+serves with the tier's limits; the worker builds its engine from it, says READY, then serves
+commands between engine steps and sends a heartbeat every `HEARTBEAT_S` so the front end notices
+a dead worker. The messages are `cloud.engine.frames`; a malformed one is logged and dropped. A
+local worker is started with `--parent-pid` and exits once that process (its front end) is gone,
+however it ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -24,31 +28,69 @@ import zmq
 
 from cloud.engine.config import EngineConfig
 from cloud.engine.core import Engine
-from cloud.engine.frames import HEARTBEAT_S, error_header, pack, unpack
+from cloud.engine.frames import HEARTBEAT_S, MalformedFrame, error_header, pack, unpack
+from cloud.engine.keys import WorkerKey
+from flow.errors import ConfigError
 from flow.family import Family
-from flow.tier import SamplingParams
+from flow.tier import InvalidRequest, SamplingParams
+
+log = logging.getLogger("flow.cloud.worker")
+
+_UNWELCOMED_WARNING_S = 10.0  # no welcome for this long: say what may be wrong
 
 
 class EngineProc:
-    """One engine served over a DEALER socket until told to stop."""
+    """One engine served over a DEALER socket until told to stop (or its parent is gone)."""
 
-    def __init__(self, family: Family, endpoint: str):
-        self.family = family
+    def __init__(self, family: Family, endpoint: str, key: WorkerKey, parent_pid: int | None = None):
+        self.family, self.endpoint, self.parent_pid = family, endpoint, parent_pid
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        key.join(self.socket)
         self.socket.connect(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
         self.engine = None
         self.works: dict[int, object] = {}  # request id -> engine Work (for cancel)
         self.steps: list[tuple[int, float]] = []  # (rows, seconds) since the last heartbeat
+        self.dropped_frames = 0
 
     def send(self, header: dict, rows: np.ndarray | None = None) -> None:
         self.socket.send_multipart(pack(header, rows))
 
+    def orphaned(self) -> bool:
+        """Whether the front end that started this worker is gone (it was re-parented)."""
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+    def receive(self, timeout_ms: int) -> tuple[dict, np.ndarray | None] | None:
+        """The next well-formed message (header, rows), or None if none came within
+        `timeout_ms`; a malformed one is logged, counted and dropped (None too)."""
+        if not dict(self.poller.poll(timeout_ms)):
+            return None
+        try:
+            header, rows, _ = unpack(self.socket.recv_multipart())
+        except MalformedFrame as err:
+            log.warning("dropped a malformed message from the front end: %s", err)
+            self.dropped_frames += 1
+            return None
+        return header, rows
+
     def run(self) -> int:
         """Join the front end, then serve; the process's exit status."""
         self.send({"op": "hello", "family_hash": self.family.family_hash(), "pid": os.getpid()})
-        header, _, _ = unpack(self.socket.recv_multipart())
-        if header["op"] != "welcome":  # turned away (another family), or shut down meanwhile
+        began, warned = time.monotonic(), False
+        while True:
+            if self.orphaned():
+                return 0
+            message = self.receive(int(HEARTBEAT_S * 1000))
+            header = message[0] if message is not None else {}
+            if header.get("op") in ("welcome", "shutdown"):
+                break
+            if not warned and time.monotonic() - began > _UNWELCOMED_WARNING_S:
+                log.warning("no welcome from %s after %.0f s: is the front end up, and is "
+                            "--worker-key its key?", self.endpoint, _UNWELCOMED_WARNING_S)
+                warned = True
+        if header["op"] == "shutdown":  # turned away (another family), or shut down meanwhile
             return 0
         try:
             self.engine = Engine.from_config(self.family, EngineConfig.from_dict(header["engine"]))
@@ -61,18 +103,18 @@ class EngineProc:
 
     def serve(self) -> None:
         last_beat = time.monotonic()
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        while True:
+        while not self.orphaned():
             timeout_ms = 0 if self.engine.has_work() else int(HEARTBEAT_S * 1000)
             for _ in range(256):  # take every queued command before the next step
-                if not dict(poller.poll(timeout_ms)):
+                if not dict(self.poller.poll(timeout_ms)):
                     break
                 timeout_ms = 0
-                header, rows, _ = unpack(self.socket.recv_multipart())
-                if header["op"] == "shutdown":
+                message = self.receive(0)
+                if message is None:
+                    continue
+                if message[0].get("op") == "shutdown":
                     return
-                self.handle(header, rows)
+                self.handle(*message)
             if self.engine.has_work():
                 began = time.perf_counter()
                 rows = self.engine.step()
@@ -81,12 +123,15 @@ class EngineProc:
                 self.engine.expire_idle()
             if time.monotonic() - last_beat >= HEARTBEAT_S:
                 stats = {k: v for k, v in self.engine.stats().items() if k != "last_batch"}
+                stats["dropped_frames"] = self.dropped_frames
                 self.send({"op": "heartbeat", "stats": stats, "steps": self.steps})
                 self.steps = []
                 last_beat = time.monotonic()
+        log.warning("the front end (pid %s) is gone; exiting", self.parent_pid)
 
     def handle(self, header: dict, rows: np.ndarray | None) -> None:
-        op, rid = header["op"], header.get("id")
+        """Run one request; a refusal (a request missing its fields too) goes back to its id."""
+        op, rid = header.get("op"), header.get("id")
         try:
             if op == "open":
                 session_id, frontier = self.engine.open_session(header["owner"], header["from_exit"])
@@ -100,8 +145,8 @@ class EngineProc:
                 frontier = self.engine.rollback(header["session_id"], header["owner"], header["position"])
                 self.send({"id": rid, "frontier": frontier})
             elif op == "close":
-                self.engine.close(header["session_id"], header["owner"])
-                self.send({"id": rid})
+                closed = self.engine.close(header["session_id"], header["owner"])
+                self.send({"id": rid, "closed": closed})
             elif op == "generate":
                 self.works[rid] = self.engine.submit_generate(
                     header["owner"], header["token_ids"], header["max_new_tokens"],
@@ -113,7 +158,11 @@ class EngineProc:
                 if work is not None:
                     self.engine.cancel(work)
             else:
-                raise ValueError(f"unknown op {op!r}")
+                log.warning("dropped a message with no known op (%r) from the front end", op)
+                self.dropped_frames += 1
+                raise InvalidRequest(f"unknown op {op!r}")
+        except KeyError as err:
+            self.send({"id": rid, **error_header(InvalidRequest(f"{op} without {err}"))})
         except Exception as err:  # noqa: BLE001 - every refusal goes back to the caller
             self.send({"id": rid, **error_header(err)})
 
@@ -135,12 +184,24 @@ def main(argv: list[str] | None = None) -> int:
                     "`flow serve --workers N` or `--bind`, which sends it the tier's engine config.")
     parser.add_argument("family", type=Path, help="family directory")
     parser.add_argument("--connect", required=True, help="the front end's ROUTER endpoint")
+    parser.add_argument("--worker-key", type=Path, required=True,
+                        help="the front end's worker key file (`python -m cloud.engine.keys FILE` "
+                             "makes one; `flow serve --worker-key FILE` takes the same file)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default torch's: every core of this host)")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit once this process is no longer this worker's parent (`flow "
+                             "serve` sets it for the workers it starts)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s pid %(process)d %(message)s")
+    try:
+        key = WorkerKey.load(args.worker_key)
+    except ConfigError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    return EngineProc(Family.load(args.family), args.connect).run()
+    return EngineProc(Family.load(args.family), args.connect, key, args.parent_pid).run()
 
 
 if __name__ == "__main__":
