@@ -224,14 +224,20 @@ class TierServer:
 
     async def start(self) -> None:
         await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+        await self.set_serving(True)
         log.info("serving %s on %s", SERVICE_NAME, self.address)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health of the server and of `flow.v1.Tier`: SERVING, or NOT_SERVING when nothing can
+        answer (no engine worker left, shutting down)."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await _maybe_await(self.health.set(name, status))
 
     async def stop(self) -> None:
         """Stop taking calls, give in-flight ones `grace_s` to finish, then cancel the rest."""
-        for name in ("", SERVICE_NAME):
-            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        await self.set_serving(False)
         await self.server.stop(self.config.grace_s)
 
     async def wait(self) -> None:

@@ -108,7 +108,7 @@ async def serve(spec: TierSpec, ready=None, family=None) -> None:
     http = metrics.serve_http(spec.metrics_port, spec.server.host) if spec.metrics_port is not None \
         else None
     server.metrics_port = http.server_port if http is not None else None
-    poller = asyncio.create_task(_poll_stats(engine, metrics))
+    poller = asyncio.create_task(_poll_stats(engine, metrics, server))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if threading.current_thread() is threading.main_thread():
@@ -126,11 +126,14 @@ async def serve(spec: TierSpec, ready=None, family=None) -> None:
             http.shutdown()
 
 
-async def _poll_stats(engine, metrics, every_s: float = 1.0) -> None:
-    """Keep the metrics' engine snapshot fresh (read at scrape time)."""
+async def _poll_stats(engine, metrics, server: TierServer, every_s: float = 1.0) -> None:
+    """Keep the metrics' engine snapshot fresh (read at scrape time), and health true to it: a
+    tier whose engine workers are all gone is NOT_SERVING until one joins again."""
     while True:
         try:
-            metrics.engine.snapshot = await engine.stats()
+            stats = await engine.stats()
+            metrics.engine.snapshot = stats
+            await server.set_serving(stats.get("workers", 1) > 0)
         except Exception as err:  # noqa: BLE001 - metrics must never take the service down
             log.warning("reading engine stats failed: %s", err)
         await asyncio.sleep(every_s)
