@@ -69,6 +69,12 @@ class TierMetrics:
         self.step_seconds.observe(seconds)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
-        """Expose /metrics on `port`; returns the HTTP server."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Expose /metrics on `port`; returns the HTTP server (`ConfigError` if it cannot listen)."""
+        from flow.errors import ConfigError
+
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(f"cannot serve metrics on {host}:{port} ({err.strerror or err}); "
+                              f"choose another --metrics-port") from None
         return server

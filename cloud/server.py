@@ -208,13 +208,16 @@ class TierServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_key and config.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(config.tls_key, config.tls_cert)], root_certificates=config.client_ca,
-                require_client_auth=config.client_ca is not None)
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_key and config.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(config.tls_key, config.tls_cert)], root_certificates=config.client_ca,
+                    require_client_auth=config.client_ca is not None)
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where older versions returned port 0
+            self.port = 0
         if not self.port:
             raise TierError(f"cannot listen on {address} (in use, or not an address of this host)")
 

@@ -61,6 +61,15 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
     if spec.from_exit == config.last_exit:
         raise ConfigError(f"--from-exit {spec.from_exit} is the full model: nothing is left to serve "
                           f"after it; choose one of 0..{config.num_exits - 2}")
+    if spec.to_exit is not None and spec.to_exit <= spec.from_exit:
+        raise ConfigError(f"--to-exit {spec.to_exit} must come after --from-exit {spec.from_exit}: "
+                          f"an edge answers at a deeper exit than the devices it serves")
+    if spec.workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0 runs the engine in this process), got "
+                          f"{spec.workers}")
+    if spec.endpoint is not None and not spec.endpoint.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"--bind {spec.endpoint!r} is not a ZeroMQ endpoint: use ipc://PATH or "
+                          f"tcp://HOST:PORT")
     limits = spec.limits or EngineLimits()
     metrics = TierMetrics()
     edge = spec.to_exit is not None and spec.to_exit != config.last_exit
@@ -99,27 +108,29 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
 
 
 async def serve(spec: TierSpec, ready=None, family=None) -> None:
-    """Serve until cancelled or signalled; `ready(server)` is called once it listens."""
-
+    """Serve until cancelled or signalled; `ready(server)` is called once it listens. Whatever
+    started is stopped again if a later part cannot start (a port in use, a worker that fails)."""
     server, engine = build(spec, family)
-    await engine.start()
-    await server.start()
     metrics = server.service.metrics
     http = metrics.serve_http(spec.metrics_port, spec.server.host) if spec.metrics_port is not None \
-        else None
+        else None  # first: a metrics port in use fails before any worker is spawned
     server.metrics_port = http.server_port if http is not None else None
-    poller = asyncio.create_task(_poll_stats(engine, metrics, server))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready(server)
+    poller = None
     try:
+        await engine.start()
+        await server.start()
+        poller = asyncio.create_task(_poll_stats(engine, metrics, server))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready(server)
         await stop.wait()
     finally:
-        poller.cancel()
+        if poller is not None:
+            poller.cancel()
         await server.stop()
         await engine.stop()
         if http is not None:
