@@ -250,12 +250,16 @@ class Family:
                 hf.hf_generation_config(self.config, eos), indent=2) + "\n")
             if self.tokenizer_json is not None:
                 (staging / "tokenizer.json").write_text(self.tokenizer_json)
-                # no pad token of its own: batched generation pads with the end token
-                (staging / "tokenizer_config.json").write_text(json.dumps({
-                    "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.stop_tokens[0],
-                    "pad_token": self.stop_tokens[0],
-                    "model_max_length": self.config.max_seq_len}, indent=2) + "\n")
+                (staging / "tokenizer_config.json").write_text(
+                    json.dumps(self.tokenizer_config(), indent=2) + "\n")
         return path
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """tokenizer_config.json for `transformers` and onnxruntime-genai: a fast tokenizer whose
+        end token also pads (the family has no pad token of its own)."""
+        end = self.stop_tokens[0]
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end, "pad_token": end,
+                "model_max_length": self.config.max_seq_len}
 
     def stop_token_ids(self) -> list[int]:
         """Ids of `stop_tokens` in this family's vocabulary (none without a tokenizer)."""

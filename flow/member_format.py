@@ -22,7 +22,9 @@ metadata names the cache layout:
 
 The ONNX metadata holds `format`, `format_version` and every field of `MemberInfo` as a
 string. A member is stored as members/<k>/device.onnx (float32 weights) and, optionally,
-members/<k>/device.int8.onnx (int8 MatMuls), with the same metadata but `weights`.
+members/<k>/device.int8.onnx (int8 MatMuls), with the same metadata but `weights`. Beside them,
+for a family with a tokenizer, genai_config.json, tokenizer.json and tokenizer_config.json make
+members/<k>/ a model directory of onnxruntime-genai (`flow.onnx_export`).
 """
 
 from __future__ import annotations
@@ -49,17 +51,26 @@ KV_CACHE_LAYOUTS = (SHARED, CONCAT)
 AUTO = "auto"
 KV_CACHE_CHOICES = (AUTO, *KV_CACHE_LAYOUTS)
 
+# onnxruntime-genai's files beside a member (`flow.onnx_export.write_genai_files`)
+GENAI_CONFIG_FILE = "genai_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 HANDOFF_HIDDEN = "handoff_hidden"
+# Cache tensor names, `% layer` (the printf form onnxruntime-genai's config takes)
+PAST_KEY = "past_key_values.%d.key"
+PAST_VALUE = "past_key_values.%d.value"
+PRESENT_KEY = "present.%d.key"
+PRESENT_VALUE = "present.%d.value"
 
 
 def cache_names(num_cache_layers: int) -> list[tuple[str, str]]:
     """(past input, present output) names of each cache tensor, in graph order."""
-    return [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}")
-            for layer in range(num_cache_layers) for kind in ("key", "value")]
+    return [(past % layer, present % layer) for layer in range(num_cache_layers)
+            for past, present in ((PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE))]
 
 
 def input_names(num_cache_layers: int) -> list[str]:

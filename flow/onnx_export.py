@@ -14,11 +14,31 @@ metadata and file names are the member format of `flow.member_format`. Rotary an
 
 A member whose head equals the embedding (a tied checkpoint whose exit heads were not trained)
 is written with one tensor for both, as the checkpoint had it.
+
+onnxruntime-genai: `export_family_members` also makes each members/<k>/ a genai model directory
+(genai_config.json, tokenizer.json, tokenizer_config.json; `write_genai_files`), so
+`og.Model("fam/members/<k>")` generates with the fp32 member, in either cache layout (`shared` is
+genai's `past_present_share_buffer`). genai runs the graph as it is: it fetches only the outputs
+its config names, so the extra `handoff_hidden` goes unfetched, and it feeds `attention_mask` and
+`position_ids` as this format defines them (a batch right-padded with `pad_token_id`, the first
+stop token, as genai's tokenizer pads). The int8 member shares the directory and is chosen with
+a config overlay, not a second directory: genai reads only `genai_config.json` and refuses a
+`filename` outside its directory, and the device runtime and family.json expect
+device.int8.onnx where it is:
+
+    config = og.Config("fam/members/0")
+    config.overlay('{"model": {"decoder": {"filename": "device.int8.onnx"}}}')
+    model = og.Model(config)
+
+These files describe a member rather than being one, so family.json records no hash for them
+(a device checks the .onnx it loads). A family without a tokenizer gets none: genai stops at the
+tokenizer's end tokens and encodes text with it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -220,18 +240,82 @@ def quantize_member(fp32_path: Path | str, int8_path: Path | str) -> Path:
     return int8_path
 
 
+def genai_config(family, exit: int, kv_cache: str) -> dict:
+    """genai_config.json of member `exit` exported with cache layout `kv_cache`: device.onnx as
+    onnxruntime-genai's decoder of the family's architecture, generating greedily by default."""
+    config = family.config
+    stop_ids = family.stop_token_ids()
+    return {
+        "model": {
+            "type": config.arch.hf_model_type,  # genai names decoders as Hugging Face does
+            "context_length": config.max_seq_len,
+            "vocab_size": config.vocab_size,
+            "eos_token_id": stop_ids,
+            "pad_token_id": stop_ids[0],  # no pad token of its own (as `Family.export_hf`)
+            "decoder": {
+                "filename": member_format.FLOAT32_FILE,
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_heads,
+                "num_key_value_heads": config.num_kv_heads,
+                "num_hidden_layers": config.member_num_layers(exit),  # = its cache layers
+                "inputs": {"input_ids": member_format.INPUT_IDS,
+                           "position_ids": member_format.POSITION_IDS,
+                           "attention_mask": member_format.ATTENTION_MASK,
+                           "past_key_names": member_format.PAST_KEY,
+                           "past_value_names": member_format.PAST_VALUE},
+                "outputs": {"logits": member_format.LOGITS,
+                            "present_key_names": member_format.PRESENT_KEY,
+                            "present_value_names": member_format.PRESENT_VALUE},
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "top_k": 1,
+            "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+            "min_length": 0, "early_stopping": True,
+            # with a shared buffer, max_length is its number of slots: the member's context
+            "max_length": config.max_seq_len,
+            "past_present_share_buffer": kv_cache == SHARED,
+        },
+    }
+
+
+def write_genai_files(family, exit: int, kv_cache: str, member_dir: Path | str) -> list[Path]:
+    """Make `member_dir` (holding member `exit`'s device.onnx) an onnxruntime-genai model
+    directory; return the files written (genai config, tokenizer, tokenizer config)."""
+    from flow.artifact import TOKENIZER_FILE
+    from flow.fsutil import atomic_file
+
+    tokenizer_config = family.tokenizer_config()
+    contents = {
+        member_format.GENAI_CONFIG_FILE: json.dumps(genai_config(family, exit, kv_cache), indent=2),
+        TOKENIZER_FILE: family.tokenizer_json,
+        member_format.TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config, indent=2),
+    }
+    written = []
+    for name, text in contents.items():
+        path = Path(member_dir) / name
+        with atomic_file(path) as tmp:
+            tmp.write_text(text if name == TOKENIZER_FILE else text + "\n")
+        written.append(path)
+    return written
+
+
 def export_family_members(family_dir: Path | str, exits: list[int] | None = None,
                           int8: bool = False, kv_cache: str = AUTO) -> list[Path]:
-    """Write members/<k>/device.onnx (and device.int8.onnx) into a family directory.
+    """Write members/<k>/device.onnx (and device.int8.onnx) into a family directory, and
+    onnxruntime-genai's files beside them (see the module docstring); return every file written.
 
     The weights are hashed once, when the family is loaded and verified; each member's metadata
-    carries the family hash, and family.json records each file's SHA-256 (which a device checks).
+    carries the family hash, and family.json records each ONNX file's SHA-256 (which a device
+    checks).
     """
     from flow.artifact import member_path, record_member_files
     from flow.family import Family
 
     family_dir = Path(family_dir)
     family = Family.load(family_dir)
+    kv_cache = choose_kv_cache(family.config, kv_cache)
     exits = list(range(family.config.num_exits)) if exits is None else exits
     written = []
     for exit in exits:
@@ -243,4 +327,6 @@ def export_family_members(family_dir: Path | str, exits: list[int] | None = None
             files.append(quantize_member(path, member_path(family_dir, exit, int8=True)))
         record_member_files(family_dir, exit, files)
         written += files
+        if family.stop_token_ids():  # a tokenizer that has the family's end token(s)
+            written += write_genai_files(family, exit, kv_cache, path.parent)
     return written

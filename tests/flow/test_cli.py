@@ -50,7 +50,7 @@ def test_import_hf_command(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["info", "{tmp}/nothing"], "is not a directory"),
-    (["new", "{tmp}/x", "--preset", "huge"], "unknown preset 'huge'"),
+    (["new", "{tmp}/x", "--exits", "99"], "exits [99] are outside the backbone's layers 0..3"),
     (["export-hf", "{fam}", "{tmp}/m", "--exit", "7"], "exit=7 is not a member"),
     (["new", "{fam}"], "already exists"),
     (["tokenize", "{tmp}"], "is not a corpus"),
@@ -62,6 +62,12 @@ def test_errors_are_one_clear_line(tmp_path, args, message):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_preset_is_refused_with_the_presets_there_are(tmp_path):
+    result = flow("new", tmp_path / "x", "--preset", "huge", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "invalid choice: 'huge' (choose from 'base', 'demo', 'small', 'tiny')" in result.stderr
 
 
 def test_compose_commands_are_valid_flow_invocations():
