@@ -91,7 +91,7 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
         class _NoTorch:
             def find_spec(self, name, path=None, target=None):
                 if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is not installed on this device")
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, _NoTorch())
     """)
     return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)],

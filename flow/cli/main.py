@@ -15,6 +15,10 @@ from flow.cli import data_commands, family_commands
 from flow.errors import FlowError
 
 COMMAND_MODULES = (data_commands, family_commands)
+# Modules of the optional extras, and the extra that brings each (pyproject.toml).
+EXTRAS = {"torch": "cloud", "onnx": "cloud", "onnxscript": "cloud", "megatron": "train",
+          "zmq": "cloud", "prometheus_client": "cloud", "grpc_health": "cloud",
+          "grpc_reflection": "cloud", "gguf": "cloud", "transformers": "dev"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except FlowError as err:
         print(f"flow {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except ImportError as err:
+        missing = (err.name or "").partition(".")[0]
+        if missing not in EXTRAS:
+            raise  # not an optional dependency: a bug, with its traceback
+        print(f"flow {args.command}: error: this command needs {missing}, which this install "
+              f"lacks (a device install has no torch); install the [{EXTRAS[missing]}] extra: "
+              f"pip install 'familial-flow[{EXTRAS[missing]}]'", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"flow {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
