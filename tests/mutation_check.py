@@ -68,7 +68,7 @@ MUTATIONS = [
              "                step = self.emit(int(np.argsort(self.logits)[-2]), DEVICE, offline=True)",
              ("tests/cloud/test_faults.py::test_a_frozen_killed_and_restarted_tier_costs_offline_tokens_then_an_exact_replay",)),
     Mutation("the device does not adopt the frontier the tier reports",
-             "flow/escalation.py", "                        self.frontier = err.frontier\n", "                        pass\n",
+             "flow/escalation.py", "                    self.frontier = err.frontier\n", "                    pass\n",
              ("tests/cloud/test_faults.py::test_an_answer_lost_after_the_tier_ran_it_costs_one_offline_token",)),
     Mutation("escalated sampling ignores the top-k ids",
              "device/client.py", "self.sampler.pick(answer.top_k[-1].logits, ids=answer.top_k[-1].ids)",
