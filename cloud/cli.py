@@ -106,6 +106,19 @@ def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
                               f"({err.reason or err})") from None
 
 
+def read_tokens(path: Path, flag: str) -> tuple[str, ...]:
+    """The bearer tokens in `path`, one per line; `ConfigError` if it is unreadable or empty."""
+    from flow.errors import ConfigError
+
+    try:
+        tokens = tuple(t.strip() for t in path.read_text().splitlines() if t.strip())
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: {err.strerror or err}") from None
+    if not tokens:
+        raise ConfigError(f"{flag} {path} holds no token")
+    return tokens
+
+
 def run_serve(args: argparse.Namespace) -> None:
     from cloud.service import TierSpec, serve
     from flow.errors import ConfigError
@@ -115,18 +128,14 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_cert is not None:
         check_tls_files(args.tls_cert, args.tls_key, args.client_ca)
-    tokens = ()
-    if args.token_file is not None:
-        tokens = tuple(t.strip() for t in args.token_file.read_text().splitlines() if t.strip())
-        if not tokens:
-            raise ConfigError(f"{args.token_file} holds no token")
+    tokens = read_tokens(args.token_file, "--token-file") if args.token_file is not None else ()
     config = from_flags(
         ServerConfig, args, tokens=tokens,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         client_ca=args.client_ca.read_bytes() if args.client_ca else None)
     limits = from_flags(EngineLimits, args)
-    next_token = (args.next_token_file.read_text().splitlines()[0].strip()
+    next_token = (read_tokens(args.next_token_file, "--next-token-file")[0]
                   if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,
                     endpoint=args.bind, worker_key=args.worker_key, metrics_port=args.metrics_port,

@@ -20,6 +20,9 @@ def empty(tmp_path):
     (["--tls-cert", "{empty}"], "--tls-cert and --tls-key go together"),
     (["--port", "99999"], "port must be in 0..65535"),
     (["--token-file", "{empty}"], "holds no token"),
+    (["--token-file", "{missing}"], "--token-file {missing}: No such file or directory"),
+    (["--from-exit", "0", "--to-exit", "1", "--next", "127.0.0.1:1", "--next-token-file", "{empty}"],
+     "--next-token-file {empty} holds no token"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--from-exit", "1", "--to-exit", "0", "--next", "127.0.0.1:1"], "--to-exit 0 must come after --from-exit 1"),
     (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:"),
@@ -41,4 +44,5 @@ def test_flow_serve_refuses_what_it_cannot_honour_in_one_line(device_family, tmp
     assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
     assert "listening on" not in result.stdout
     assert "Traceback" not in result.stderr
+    message = message.format(empty=empty, missing=tmp_path / "missing.pem")
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
