@@ -135,6 +135,10 @@ def run_serve(args: argparse.Namespace) -> None:
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         client_ca=args.client_ca.read_bytes() if args.client_ca else None)
     limits = from_flags(EngineLimits, args)
+    if len(tokens) > 1 and not limits.max_sessions_per_identity:
+        logging.getLogger("flow.cloud").warning(
+            "%d identities share %d KV slots with no per-identity cap: one of them can hold every "
+            "slot; set --max-sessions-per-identity", len(tokens), limits.max_sessions)
     next_token = (read_tokens(args.next_token_file, "--next-token-file")[0]
                   if args.next_token_file else None)
     spec = TierSpec(args.family, args.from_exit, limits, config, workers=args.workers,

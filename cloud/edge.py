@@ -58,7 +58,9 @@ class EdgeEngineClient:
         await self.inner.stop()
 
     async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
-        return await self.inner.open_session(owner, from_exit)
+        opened = await self.inner.open_session(owner, from_exit)
+        await self._forget_ended()
+        return opened
 
     async def continue_(self, session_id: str, owner: str, start: int, rows: np.ndarray,
                         return_all: bool, top_k: int, rollback: bool) -> Answer:
@@ -70,7 +72,7 @@ class EdgeEngineClient:
                                                     return_all=return_all, top_k=top_k,
                                                     rollback=rollback)
             except SessionLost:  # evicted or expired here: its rows upstream are stale too
-                self._forget(key)
+                await self._close_upstream(self._forget(key))
                 raise
             escalation = self._escalation(key)
             escalation.keep(start)  # what the device discarded (rollback) is gone here too
@@ -94,14 +96,15 @@ class EdgeEngineClient:
 
     async def close(self, session_id: str, owner: str) -> None:
         await self.inner.close(session_id, owner)
-        escalation = self._forget((owner, session_id))
-        if escalation is not None:
-            await asyncio.to_thread(escalation.close)
+        await self._close_upstream(self._forget((owner, session_id)))
 
     def generate(self, owner: str, token_ids: list[int], max_new_tokens: int,
                  sampling: SamplingParams, stop_ids: tuple[int, ...]) -> AsyncIterator[int]:
         # An edge engine holds only its blocks: the inner client refuses (InvalidRequest).
         return self.inner.generate(owner, token_ids, max_new_tokens, sampling, stop_ids)
+
+    async def ended_sessions(self) -> list[str]:
+        return await self._forget_ended()
 
     async def stats(self) -> dict:
         return await self.inner.stats()
@@ -117,3 +120,18 @@ class EdgeEngineClient:
         """Drop the state of (owner, session id), if any; returns its escalation."""
         self._locks.pop(key, None)
         return self._escalations.pop(key, None)
+
+    async def _forget_ended(self) -> list[str]:
+        """Drop the state of the sessions the inner engine ended on its own (evicted, expired):
+        an abandoned session would otherwise hold its rows here, and its session on the next
+        tier, for ever. Returns their ids."""
+        ended = set(await self.inner.ended_sessions())
+        for key in [key for key in self._locks if key[1] in ended]:
+            if not self._locks[key].locked():  # a request in flight finds SessionLost itself
+                await self._close_upstream(self._forget(key))
+        return sorted(ended)
+
+    @staticmethod
+    async def _close_upstream(escalation: Escalation | None) -> None:
+        if escalation is not None:
+            await asyncio.to_thread(escalation.close)

@@ -67,6 +67,11 @@ class EngineClient(Protocol):
         `Engine.submit_generate` runs it."""
         ...
 
+    async def ended_sessions(self) -> list[str]:
+        """The ids of the sessions the engine ended on its own (evicted for room, or expired)
+        since the last call: what a wrapper keeping per-session state (an edge) drops."""
+        ...
+
     async def stats(self) -> dict:
         """The engine's counters (`Engine.stats` names, summed over workers), for metrics."""
         ...

@@ -38,6 +38,13 @@ class EngineLimits:
     # an unbounded top-k would let a 512 KiB request ask for the whole vocabulary per row.
     max_top_k: int = field(default=256, metadata={
         "flag": "--max-top-k", "help": "most likely tokens an answer may list per row"})
+    # Every caller shares the slots: without a cap one identity (bearer token) can hold them
+    # all. At its cap an identity's own least recently used idle session makes room, never
+    # another identity's.
+    max_sessions_per_identity: int = field(default=0, metadata={
+        "flag": "--max-sessions-per-identity",
+        "help": "KV slots one identity (bearer token) may hold in one engine; at the cap its own "
+                "least recently used idle session is evicted for a new one; 0: no cap"})
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_rows_per_request", "max_batch_rows", "max_context",
@@ -45,6 +52,10 @@ class EngineLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        cap = self.max_sessions_per_identity
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= self.max_sessions:
+            raise ConfigError(f"max_sessions_per_identity must be in 0..max_sessions "
+                              f"({self.max_sessions}; 0 = no cap), got {cap!r}")
         if not self.session_ttl_s > 0:
             raise ConfigError(f"session_ttl_s must be > 0 seconds, got {self.session_ttl_s!r}")
 

@@ -141,6 +141,11 @@ class Engine:
         """Drop the sessions idle for longer than the TTL; returns how many."""
         return self.pool.expire_idle()
 
+    def ended_sessions(self) -> list[str]:
+        """The ids of the sessions this engine ended on its own (evicted or expired) since the
+        last call, for whoever keeps per-session state beside it."""
+        return self.pool.take_ended()
+
     # ---- submitting work --------------------------------------------------------------------
 
     def submit_continue(self, session_id: str, owner: str, start: int, rows: np.ndarray,

@@ -153,5 +153,8 @@ class InProcessEngineClient:
             if not work.done:  # the caller stopped listening: free the slot
                 await self._call(self.engine.cancel, work)
 
+    async def ended_sessions(self) -> list[str]:
+        return await self._call(self.engine.ended_sessions)
+
     async def stats(self) -> dict:
         return await self._call(self.engine.stats)

@@ -11,7 +11,10 @@ fixed and known up front (`stats()`). A whole-model generation owns a slot while
 Admission is a slot count: opening a session when every slot is held evicts the least recently
 used *idle* session (one with no queued work; its next request gets `SessionLost` and the device
 replays from position 0, DESIGN.md §4), or refuses with `Exhausted` when every holder is busy.
-Sessions idle longer than the TTL are dropped.
+An identity at its cap (`max_sessions_per_identity`) makes room from its own sessions the same
+way, so one caller cannot hold every slot. Sessions idle longer than the TTL are dropped. The ids
+of sessions the pool ended on its own (evicted or expired) are kept for `take_ended`, so that
+whoever keeps state per session beside the engine (an edge, a worker placement table) drops it.
 
 The pool's one extra slot, `scratch`, belongs to no session: batch padding writes its keys and
 values there, and no query ever gathers it.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -56,26 +60,43 @@ class KVPool:
         self._free = list(range(limits.max_sessions))[::-1]  # pop() hands out slot 0 first
         self._recency = itertools.count()
         self.evictions = self.expired = 0
+        # Read after every open and every expiry pass, which end at most max_sessions + 1
+        # sessions between them: twice that never drops an id unread.
+        self._ended: deque[str] = deque(maxlen=2 * limits.max_sessions + 2)
 
     # ---- slot holders ---------------------------------------------------------------------------
 
     def open(self, owner: str, first_layer: int, generating: bool) -> Session:
-        """A new session holding a slot: a free one, or the least recently used idle session's."""
-        session = Session(secrets.token_urlsafe(16), owner, self._take_slot(), first_layer,
+        """A new session holding a slot: a free one, or the least recently used idle session's
+        (the owner's own when it is at its cap)."""
+        session = Session(secrets.token_urlsafe(16), owner, self._take_slot(owner), first_layer,
                           generating)
         self.sessions[session.id] = session
         self.touch(session)
         return session
 
-    def _take_slot(self) -> int:
-        if not self._free:
-            idle = [s for s in self.sessions.values() if s.job is None]
-            if not idle:
-                raise Exhausted(f"all {self.limits.max_sessions} KV slots are held by requests in "
-                                f"progress; retry shortly, or serve with more --max-sessions")
-            self.drop(min(idle, key=lambda s: s.recency))  # the least recently used
-            self.evictions += 1
+    def _take_slot(self, owner: str) -> int:
+        cap = self.limits.max_sessions_per_identity
+        if cap and sum(s.owner == owner for s in self.sessions.values()) >= cap:
+            self._evict([s for s in self.sessions.values() if s.owner == owner],
+                        f"this identity holds its {cap} sessions (--max-sessions-per-identity) "
+                        f"and each has a request in progress; wait for one, or close one")
+        elif not self._free:
+            self._evict(list(self.sessions.values()),
+                        f"all {self.limits.max_sessions} KV slots are held by requests in "
+                        f"progress; retry shortly, or serve with more --max-sessions")
         return self._free.pop()
+
+    def _evict(self, candidates: list[Session], refusal: str) -> None:
+        """Free the slot of the least recently used idle one of `candidates`; `Exhausted` with
+        `refusal` when every one is busy."""
+        idle = [s for s in candidates if s.job is None]
+        if not idle:
+            raise Exhausted(refusal)
+        evicted = min(idle, key=lambda s: s.recency)
+        self.drop(evicted)
+        self._ended.append(evicted.id)
+        self.evictions += 1
 
     def drop(self, session: Session) -> None:
         """Give the session's slot back."""
@@ -93,6 +114,7 @@ class KVPool:
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None
         if session is not None and self._is_expired(session, self.clock()):
             self.drop(session)
+            self._ended.append(session.id)
             self.expired += 1
             return None
         return session
@@ -103,8 +125,16 @@ class KVPool:
         stale = [s for s in self.sessions.values() if self._is_expired(s, now)]
         for session in stale:
             self.drop(session)
+            self._ended.append(session.id)
         self.expired += len(stale)
         return len(stale)
+
+    def take_ended(self) -> list[str]:
+        """The ids of the sessions evicted or expired since the last call (closed ones are not:
+        their closer knows)."""
+        ended = list(self._ended)
+        self._ended.clear()
+        return ended
 
     def _is_expired(self, session: Session, now: float) -> bool:
         return session.job is None and now - session.last_used > self.limits.session_ttl_s

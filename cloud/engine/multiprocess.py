@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,9 @@ class MultiprocessEngineClient:
         self.on_step = on_step  # (rows, seconds) of every worker step, for metrics
         self.workers: dict[bytes, _Worker] = {}
         self.placement: dict[str, bytes] = {}  # session id -> worker identity
+        # Sessions the workers ended on their own (evicted, expired) or lost with a worker, for
+        # `ended_sessions`; bounded, as nothing but an edge reads it.
+        self._ended: deque[str] = deque(maxlen=4096)
         self.dropped_frames = 0  # malformed or misdirected messages dropped by the front end
         self._joining: set[bytes] = set()  # said HELLO, not READY yet
         self._refusals: list[str] = []  # why workers could not build their engines
@@ -242,6 +246,7 @@ class MultiprocessEngineClient:
             raise MalformedFrame("a heartbeat whose stats are not an object or whose steps are "
                                  "not [rows, seconds] pairs")
         worker.stats = stats
+        self._forget_ended(worker, header.get("ended", []))
         if self.on_step is not None:
             for rows, seconds in steps:
                 self.on_step(rows, seconds)
@@ -298,6 +303,17 @@ class MultiprocessEngineClient:
         self._calls.pop(rid, None)
         worker.pending.discard(rid)
 
+    def _forget_ended(self, worker: _Worker, ended) -> None:
+        """Drop the placement of the sessions `worker` says its engine ended (evicted for room,
+        or expired): without it the table would grow with every abandoned session."""
+        if not isinstance(ended, list) or not all(isinstance(s, str) for s in ended):
+            raise MalformedFrame("a list of ended sessions that is not a list of ids")
+        for session_id in ended:
+            if session_id in worker.sessions:
+                worker.sessions.discard(session_id)
+                self.placement.pop(session_id, None)
+                self._ended.append(session_id)
+
     # ---- liveness -----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
@@ -320,6 +336,7 @@ class MultiprocessEngineClient:
         self.workers.pop(worker.identity, None)
         for session_id in worker.sessions:
             self.placement.pop(session_id, None)
+        self._ended.extend(worker.sessions)
         # A session's device replays it onto a live worker; with none left it goes offline.
         lost = (SessionLost(f"the engine worker holding this session {why}; open a new session "
                             f"and replay from position 0") if self.workers else
@@ -394,6 +411,7 @@ class MultiprocessEngineClient:
                 break
             except SessionLost:
                 continue  # the worker died before answering: another one opens it
+        self._forget_ended(worker, answer.get("ended", []))
         self.placement[answer["session_id"]] = worker.identity
         worker.sessions.add(answer["session_id"])
         return answer["session_id"], answer["frontier"]
@@ -449,6 +467,11 @@ class MultiprocessEngineClient:
         finally:
             if not finished:
                 await self._cancel(worker, rid)
+
+    async def ended_sessions(self) -> list[str]:
+        ended = list(self._ended)
+        self._ended.clear()
+        return ended
 
     async def stats(self) -> dict:
         """The workers' engine counters summed, as of their last heartbeats, and the malformed

@@ -124,7 +124,8 @@ class EngineProc:
             if time.monotonic() - last_beat >= HEARTBEAT_S:
                 stats = {k: v for k, v in self.engine.stats().items() if k != "last_batch"}
                 stats["dropped_frames"] = self.dropped_frames
-                self.send({"op": "heartbeat", "stats": stats, "steps": self.steps})
+                self.send({"op": "heartbeat", "stats": stats, "steps": self.steps,
+                           "ended": self.engine.ended_sessions()})
                 self.steps = []
                 last_beat = time.monotonic()
         log.warning("the front end (pid %s) is gone; exiting", self.parent_pid)
@@ -135,7 +136,8 @@ class EngineProc:
         try:
             if op == "open":
                 session_id, frontier = self.engine.open_session(header["owner"], header["from_exit"])
-                self.send({"id": rid, "session_id": session_id, "frontier": frontier})
+                self.send({"id": rid, "session_id": session_id, "frontier": frontier,
+                           "ended": self.engine.ended_sessions()})
             elif op == "continue":
                 self.works[rid] = self.engine.submit_continue(
                     header["session_id"], header["owner"], header["start"], rows,

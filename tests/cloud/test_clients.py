@@ -23,7 +23,7 @@ def test_every_engine_client_answers_every_call_of_the_protocol(client):
     """Catches: a client with a call missing, its parameters named or ordered otherwise, or sync
     where the protocol awaits (the front end would fail only when that call comes)."""
     assert set(CALLS) == {"start", "stop", "open_session", "continue_", "rollback", "close",
-                          "generate", "stats"}
+                          "generate", "ended_sessions", "stats"}
     for name in CALLS:
         declared, implemented = getattr(EngineClient, name), getattr(client, name)
         assert list(inspect.signature(implemented).parameters) == \
@@ -38,8 +38,9 @@ def test_serve_flags_are_the_engine_limits_with_their_defaults():
     add_flags(parser, EngineLimits)
     assert from_flags(EngineLimits, parser.parse_args([])) == EngineLimits()
     args = parser.parse_args(["--max-sessions", "3", "--max-rows", "5", "--max-batch-rows", "7",
-                              "--session-ttl", "1.5", "--max-context", "11", "--max-top-k", "13"])
-    assert from_flags(EngineLimits, args) == EngineLimits(3, 5, 7, 1.5, 11, 13)
+                              "--session-ttl", "1.5", "--max-context", "11", "--max-top-k", "13",
+                              "--max-sessions-per-identity", "2"])
+    assert from_flags(EngineLimits, args) == EngineLimits(3, 5, 7, 1.5, 11, 13, 2)
     assert all("flag" in field.metadata for field in dataclasses.fields(EngineLimits))
     assert "(default 600)" in parser.format_help()
 

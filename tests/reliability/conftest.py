@@ -45,12 +45,14 @@ class Pool:
     """A started `MultiprocessEngineClient` with `workers` local worker processes; its coroutines
     run on an event loop of a background thread (`run`, `submit`)."""
 
-    def __init__(self, device_family, workers: int, endpoint: str, worker_key=None):
+    def __init__(self, device_family, workers: int, endpoint: str, worker_key=None,
+                 config: EngineConfig | None = None):
         family_dir, family = device_family
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.client = MultiprocessEngineClient(endpoint, family.family_hash(), EngineConfig(),
+        self.client = MultiprocessEngineClient(endpoint, family.family_hash(),
+                                               config or EngineConfig(),
                                                family_dir, local_workers=workers,
                                                worker_key=worker_key)
         self.endpoint = endpoint
@@ -98,14 +100,15 @@ class Pool:
 
 @pytest.fixture(scope="module")
 def pools(device_family, tmp_path_factory):
-    """`pools(workers, endpoint=None, worker_key=None)`: a new started `Pool` (its endpoint by
-    default an ipc:// socket in a temporary directory); every pool is stopped when the module's
-    tests are done."""
+    """`pools(workers, endpoint=None, worker_key=None, config=None)`: a new started `Pool` (its
+    endpoint by default an ipc:// socket in a temporary directory); every pool is stopped when
+    the module's tests are done."""
     started: list[Pool] = []
 
-    def start(workers: int, endpoint: str | None = None, worker_key=None) -> Pool:
+    def start(workers: int, endpoint: str | None = None, worker_key=None,
+              config: EngineConfig | None = None) -> Pool:
         endpoint = endpoint or f"ipc://{tmp_path_factory.mktemp('pool')}/engine.sock"
-        started.append(Pool(device_family, workers, endpoint, worker_key))
+        started.append(Pool(device_family, workers, endpoint, worker_key, config))
         return started[-1]
 
     yield start
