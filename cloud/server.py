@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cloud.engine.client import EngineClient
+from cloud.guard import UNAUTHENTICATED_MESSAGE, Identities, RequestGuard
 from cloud.server_config import ServerConfig
 from flow.errors import ConfigError, HashMismatchError
 from flow.status import status_of
@@ -32,7 +31,9 @@ from flow.wire import codec_name, tensor_to_rows
 
 log = logging.getLogger("flow.cloud")
 SERVICE_NAME = tier_pb2.DESCRIPTOR.services_by_name["Tier"].full_name
-ANONYMOUS = "anonymous"
+# grpcio-reflection implements v1alpha only; v1 is the same messages under a new name, which
+# newer clients (grpcurl, Postman) ask first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 @contextlib.contextmanager
@@ -85,22 +86,18 @@ class TierService(tier_pb2_grpc.TierServicer):
         self.vocab_size = vocab_size
         self.config = config
         self.max_rows = max_rows
-        self._token_digests = [hashlib.sha256(t.encode()).digest() for t in config.tokens]
+        self.identities = Identities(config.tokens)
 
     # ---- identity ---------------------------------------------------------------------------
 
     async def _owner(self, context: grpc.aio.ServicerContext) -> str:
-        """Who is calling: a digest of the bearer token (sessions are bound to it)."""
-        if not self._token_digests:
-            return ANONYMOUS
-        header = dict(context.invocation_metadata() or ()).get("authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        digest = hashlib.sha256(token.encode()).digest()
-        if not token or not any(hmac.compare_digest(digest, d) for d in self._token_digests):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or unknown bearer token: send metadata "
-                                "'authorization: Bearer <token>'")
-        return digest.hex()[:32]
+        """Who is calling: a digest of the bearer token (sessions are bound to it). The server's
+        `RequestGuard` refused a call without an accepted token before its message was read;
+        this holds for a servicer registered without it too."""
+        owner = self.identities.owner(context.invocation_metadata())
+        if owner is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        return owner
 
     def _check_family(self, family_hash: str) -> None:
         if family_hash != self.family_hash:
@@ -195,18 +192,24 @@ class TierServer:
             if not (config.tls_key and config.tls_cert):  # asked for TLS: never serve plaintext
                 raise ConfigError("TLS needs both a certificate and its private key, and neither "
                                   "may be empty")
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes),
+        if config.max_receive_bytes is None:
+            raise ConfigError("max_receive_bytes must be sized (cloud.service.build sizes it "
+                              "from the engine limits)")
+        options = [("grpc.max_receive_message_length", config.max_receive_bytes),
+                   ("grpc.max_send_message_length", config.max_send_bytes),
                    ("grpc.so_reuseport", 0),
                    # devices send keepalive pings (flow.tier_client) to notice a dead link early
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
-        self.server = grpc.aio.server(options=options)
+        metrics = service.metrics
+        guard = RequestGuard(service.identities, f"/{SERVICE_NAME}/",
+                             on_refusal=lambda method, code: metrics.requests.labels(method, code).inc())
+        self.server = grpc.aio.server(options=options, interceptors=[guard])
         tier_pb2_grpc.add_TierServicer_to_server(service, self.server)
         self.health = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        _enable_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                           self.server)
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_key and config.tls_cert:
@@ -262,6 +265,18 @@ class _HealthServicer(health.aio.HealthServicer):
     async def List(self, request, context):
         return health_pb2.HealthListResponse(statuses={
             name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()})
+
+
+def _enable_reflection(service_names, server: grpc.aio.Server) -> None:
+    """Server reflection, v1alpha and v1 (one servicer: the two versions' messages are the
+    same on the wire)."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
 
 
 async def _maybe_await(result) -> None:

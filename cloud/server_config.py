@@ -25,7 +25,11 @@ class ServerConfig:
     tls_cert: bytes | None = field(default=None, metadata={"help": "server certificate (PEM)"})
     client_ca: bytes | None = field(default=None, metadata={
         "help": "CA (PEM) that client certificates must chain to (mutual TLS)"})
-    max_message_bytes: int = field(default=64 << 20, metadata={
-        "help": "largest gRPC message taken or sent"})
+    # None: the largest request the engine limits allow (`cloud.service.largest_request_bytes`),
+    # so that a flood of oversized messages is refused before it is read into memory.
+    max_receive_bytes: int | None = field(default=None, metadata={
+        "help": "largest gRPC message taken"})
+    max_send_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest gRPC message sent"})
     grace_s: float = field(default=5.0, metadata={
         "help": "on shutdown, seconds in-flight calls get to finish"})

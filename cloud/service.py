@@ -8,6 +8,7 @@ server on a background event loop in this process, for tests, benchmarks and the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import threading
@@ -102,9 +103,21 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
         engine = EdgeEngineClient(engine, next_tier, ExitPolicy(spec.policy, spec.threshold),
                                   family.family_hash(), spec.to_exit, config.hidden_size,
                                   config.max_seq_len)
-    service = TierService(engine, family.family_hash(), config.vocab_size, spec.server,
+    server = spec.server
+    if server.max_receive_bytes is None:
+        server = dataclasses.replace(server, max_receive_bytes=largest_request_bytes(limits, config))
+    service = TierService(engine, family.family_hash(), config.vocab_size, server,
                           max_rows=limits.max_rows_per_request, metrics=metrics)
-    return TierServer(service, spec.server), engine
+    return TierServer(service, server), engine
+
+
+def largest_request_bytes(limits: EngineLimits, config) -> int:
+    """The largest request a tier of these limits takes for a family of `config`: a Continue of
+    `max_rows_per_request` fp32 rows (the widest codec), or a Generate whose prompt and stop ids
+    fill the context; anything larger is refused before it is read."""
+    rows = limits.max_rows_per_request * config.hidden_size * 4
+    token_ids = 2 * min(limits.max_context, config.max_seq_len) * 5  # prompt + stop ids, varints
+    return max(rows, token_ids) + (64 << 10)  # ids, shapes, sampling parameters
 
 
 async def serve(spec: TierSpec, ready=None, family=None) -> None:

@@ -19,12 +19,14 @@ Worker -> front end (the joining handshake, then answers and heartbeats):
     ready      {"op": "ready", "pid"}                               engine built from the welcome's
                                                                     config; or, with "error", why
                                                                     it could not be, and it exits
-    heartbeat  {"op": "heartbeat", "stats", "steps"}                every `HEARTBEAT_S`: the
+    heartbeat  {"op": "heartbeat", "stats", "steps", "ended"}       every `HEARTBEAT_S`: the
                                                                     engine's counters (and the
                                                                     worker's "dropped_frames"),
-                                                                    [rows, seconds] per step since
+                                                                    [rows, seconds] per step since,
+                                                                    the sessions it evicted or
+                                                                    expired since
     answers    {"id", ...}                                          to the request `id`:
-               open      "session_id", "frontier"
+               open      "session_id", "frontier", "ended" (as in a heartbeat)
                rollback  "frontier"
                close     "closed": whether a session of that owner was open and is now closed
                continue  "done": true, part "answer", "scores" (an edge engine's confidence per
@@ -46,6 +48,10 @@ Front end -> worker:
     generate   {"op", "id", "owner", "token_ids", "max_new_tokens", "sampling", "stop_ids"}
                ("sampling": the fields of `flow.tier.SamplingParams`)
     cancel     {"op": "cancel", "target"}                           drop request `target`'s work
+    ping       {"op": "ping"}                                       every `HEARTBEAT_S` to each
+                                                                    worker: a worker that hears
+                                                                    nothing for `FRONT_END_SILENT_S`
+                                                                    joins again (HELLO)
     shutdown   {"op": "shutdown"}
 """
 
@@ -60,6 +66,10 @@ from flow.tier import Answer, TierError
 from flow.v1 import tier_pb2
 
 HEARTBEAT_S = 0.5  # how often a worker reports; the front end buries one silent for longer
+# A worker that hears nothing from its front end for this long takes it for gone (killed, or
+# frozen long enough to have buried the worker) and joins again: a restarted front end on the
+# same endpoint gets its remote workers back.
+FRONT_END_SILENT_S = 10.0
 _PART_NAMES = ("answer", "rows")
 
 

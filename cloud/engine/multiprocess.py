@@ -11,7 +11,9 @@ and routes that session's requests to it; a reply counts only from the worker it
 to, and a malformed message is dropped. A worker is dead when its process exits or nothing
 (reply or heartbeat) came from it for `dead_after_s`: its sessions are forgotten and its pending
 calls fail with `SessionLost` (NOT_FOUND: the device reopens and replays onto a live worker), or
-with `TierUnavailable` (UNAVAILABLE) when no worker is left or the call was a generation.
+with `TierUnavailable` (UNAVAILABLE) when no worker is left or the call was a generation. The
+front end pings every worker every `HEARTBEAT_S` in turn: a worker whose front end falls silent
+joins again (HELLO), and a known worker saying HELLO is buried first (it dropped its sessions).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 
 from cloud.engine.config import EngineConfig
-from cloud.engine.frames import MalformedFrame, error_from_header, error_header, pack, unpack
+from cloud.engine.frames import (
+    HEARTBEAT_S,
+    MalformedFrame,
+    error_from_header,
+    error_header,
+    pack,
+    unpack,
+)
 from cloud.engine.keys import WorkerKey
 from flow.errors import ConfigError
 from flow.tier import Answer, SamplingParams, SessionLost, TierError, TierUnavailable
@@ -258,6 +267,8 @@ class MultiprocessEngineClient:
                       header.get("pid"), str(header.get("family_hash"))[:16])
             await self.socket.send_multipart([identity, *pack({"op": "shutdown"})])
             return
+        if identity in self.workers:  # it took us for gone and dropped its sessions
+            self._bury(self.workers[identity], "joined again")
         self._joining.add(identity)
         await self.socket.send_multipart(
             [identity, *pack({"op": "welcome", "engine": self.config.to_dict()})])
@@ -317,6 +328,7 @@ class MultiprocessEngineClient:
     # ---- liveness -----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        last_ping = 0.0
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
@@ -324,6 +336,10 @@ class MultiprocessEngineClient:
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self.dead_after_s:
                     self._bury(worker, "stopped answering")
+            if now - last_ping >= HEARTBEAT_S:  # workers silent-watch us the same way
+                for identity in list(self.workers):
+                    await self.socket.send_multipart([identity, *pack({"op": "ping"})])
+                last_ping = now
 
     def _bury_exited(self) -> None:
         """Bury the local workers whose process has ended (before a call is sent to one)."""

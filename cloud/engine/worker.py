@@ -10,7 +10,9 @@ serves with the tier's limits; the worker builds its engine from it, says READY,
 commands between engine steps and sends a heartbeat every `HEARTBEAT_S` so the front end notices
 a dead worker. The messages are `cloud.engine.frames`; a malformed one is logged and dropped. A
 local worker is started with `--parent-pid` and exits once that process (its front end) is gone,
-however it ended.
+however it ended. A worker that hears nothing from its front end (which pings every
+`HEARTBEAT_S`) for `FRONT_END_SILENT_S` drops its engine and its sessions and joins again, so
+a remote worker serves whichever front end comes back on the endpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import zmq
 
 from cloud.engine.config import EngineConfig
 from cloud.engine.core import Engine
-from cloud.engine.frames import HEARTBEAT_S, MalformedFrame, error_header, pack, unpack
+from cloud.engine.frames import (
+    FRONT_END_SILENT_S,
+    HEARTBEAT_S,
+    MalformedFrame,
+    error_header,
+    pack,
+    unpack,
+)
 from cloud.engine.keys import WorkerKey
 from flow.errors import ConfigError
 from flow.family import Family
@@ -54,6 +63,7 @@ class EngineProc:
         self.works: dict[int, object] = {}  # request id -> engine Work (for cancel)
         self.steps: list[tuple[int, float]] = []  # (rows, seconds) since the last heartbeat
         self.dropped_frames = 0
+        self.last_heard = time.monotonic()  # when the front end last sent anything
 
     def send(self, header: dict, rows: np.ndarray | None = None) -> None:
         self.socket.send_multipart(pack(header, rows))
@@ -67,8 +77,10 @@ class EngineProc:
         `timeout_ms`; a malformed one is logged, counted and dropped (None too)."""
         if not dict(self.poller.poll(timeout_ms)):
             return None
+        frames = self.socket.recv_multipart()
+        self.last_heard = time.monotonic()
         try:
-            header, rows, _ = unpack(self.socket.recv_multipart())
+            header, rows, _ = unpack(frames)
         except MalformedFrame as err:
             log.warning("dropped a malformed message from the front end: %s", err)
             self.dropped_frames += 1
@@ -76,33 +88,52 @@ class EngineProc:
         return header, rows
 
     def run(self) -> int:
-        """Join the front end, then serve; the process's exit status."""
-        self.send({"op": "hello", "family_hash": self.family.family_hash(), "pid": os.getpid()})
-        began, warned = time.monotonic(), False
+        """Join the front end and serve, joining again whenever it falls silent; the process's
+        exit status."""
         while True:
-            if self.orphaned():
+            header = self.join()
+            if header is None:  # turned away (another family), shut down, or orphaned
                 return 0
+            try:
+                self.engine = Engine.from_config(self.family,
+                                                 EngineConfig.from_dict(header["engine"]))
+            except Exception as err:  # noqa: BLE001 - reported to the front end, which names it
+                self.send({"op": "ready", "pid": os.getpid(), **error_header(err)})
+                return 1
+            self.send({"op": "ready", "pid": os.getpid()})
+            if not self.serve():
+                return 0
+            log.warning("nothing from the front end at %s for %.0f s; dropping this engine's "
+                        "sessions and joining again", self.endpoint, FRONT_END_SILENT_S)
+            self.engine, self.works, self.steps = None, {}, []
+
+    def join(self) -> dict | None:
+        """Say HELLO until welcomed: the welcome (with the tier's engine config), or None when
+        told to shut down or orphaned."""
+        self.send({"op": "hello", "family_hash": self.family.family_hash(), "pid": os.getpid()})
+        began = warned = time.monotonic()
+        while not self.orphaned():
             message = self.receive(int(HEARTBEAT_S * 1000))
             header = message[0] if message is not None else {}
-            if header.get("op") in ("welcome", "shutdown"):
-                break
-            if not warned and time.monotonic() - began > _UNWELCOMED_WARNING_S:
+            if header.get("op") == "welcome":
+                return header
+            if header.get("op") == "shutdown":
+                return None
+            if time.monotonic() - warned > _UNWELCOMED_WARNING_S:
                 log.warning("no welcome from %s after %.0f s: is the front end up, and is "
-                            "--worker-key its key?", self.endpoint, _UNWELCOMED_WARNING_S)
-                warned = True
-        if header["op"] == "shutdown":  # turned away (another family), or shut down meanwhile
-            return 0
-        try:
-            self.engine = Engine.from_config(self.family, EngineConfig.from_dict(header["engine"]))
-        except Exception as err:  # noqa: BLE001 - reported to the front end, which names it
-            self.send({"op": "ready", "pid": os.getpid(), **error_header(err)})
-            return 1
-        self.send({"op": "ready", "pid": os.getpid()})
-        self.serve()
-        return 0
+                            "--worker-key its key?", self.endpoint, time.monotonic() - began)
+                warned = time.monotonic()
+                # a front end started since missed the first HELLO (ZeroMQ drops messages to a
+                # peer that is not connected yet)
+                self.send({"op": "hello", "family_hash": self.family.family_hash(),
+                           "pid": os.getpid()})
+        return None
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Serve until told to shut down or orphaned (False), or until the front end has been
+        silent for `FRONT_END_SILENT_S` (True: join again)."""
         last_beat = time.monotonic()
+        self.last_heard = time.monotonic()
         while not self.orphaned():
             timeout_ms = 0 if self.engine.has_work() else int(HEARTBEAT_S * 1000)
             for _ in range(256):  # take every queued command before the next step
@@ -113,8 +144,10 @@ class EngineProc:
                 if message is None:
                     continue
                 if message[0].get("op") == "shutdown":
-                    return
+                    return False
                 self.handle(*message)
+            if time.monotonic() - self.last_heard > FRONT_END_SILENT_S:
+                return True
             if self.engine.has_work():
                 began = time.perf_counter()
                 rows = self.engine.step()
@@ -129,6 +162,7 @@ class EngineProc:
                 self.steps = []
                 last_beat = time.monotonic()
         log.warning("the front end (pid %s) is gone; exiting", self.parent_pid)
+        return False
 
     def handle(self, header: dict, rows: np.ndarray | None) -> None:
         """Run one request; a refusal (a request missing its fields too) goes back to its id."""
@@ -155,6 +189,8 @@ class EngineProc:
                     SamplingParams(**header["sampling"]), tuple(header["stop_ids"]),
                     on_token=lambda token, rid=rid: self.send({"id": rid, "token": token}),
                     on_done=lambda work, rid=rid: self.finished(rid, work))
+            elif op == "ping":
+                pass  # the front end is alive: `receive` noted it
             elif op == "cancel":
                 work = self.works.pop(header["target"], None)
                 if work is not None:

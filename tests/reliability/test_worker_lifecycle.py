@@ -1,16 +1,21 @@
 """Engine workers coming and going: a dead worker's sessions are replayed on a survivor (NOT_FOUND,
 not UNAVAILABLE, while one is left); workers end with their front end, however it ends, and a
-stopped front end leaves no socket file behind."""
+stopped front end leaves no socket file behind; a remote worker joins the front end that comes
+back on its endpoint."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from cloud.engine.frames import FRONT_END_SILENT_S
 from flow.tier import SessionLost, TierUnavailable
-from runs import start_flow_serve
+from flow.tier_client import GrpcTier
+from runs import free_port, start_flow_serve
 
 OWNER = "owner-of-the-lifecycle-sessions"
 
@@ -107,3 +112,49 @@ def test_workers_exit_when_flow_serve_is_killed(device_family, tmp_path):
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_remote_worker_joins_the_front_end_that_replaces_a_killed_one(device_family, reference,
+                                                                       tmp_path):
+    """Catches: a worker on another host (no parent to watch) serving a front end that was
+    SIGKILLed for ever, never joining the one restarted on the same endpoint, so the new tier
+    stays NOT_SERVING with a worker idle beside it."""
+    family_dir, family = device_family
+    key_file = tmp_path / "worker.key"
+    subprocess.run([sys.executable, "-m", "cloud.engine.keys", str(key_file)], check=True,
+                   capture_output=True)
+    bind = ["--workers", "0", "--bind", f"tcp://127.0.0.1:{free_port()}", "--worker-key", key_file]
+    first, address = start_flow_serve(family_dir, 0, *bind)
+    worker = subprocess.Popen([sys.executable, "-m", "cloud.engine.worker", str(family_dir),
+                               "--connect", bind[3], "--worker-key", str(key_file),
+                               "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        _answers_the_reference(address, family, reference, within_s=60)
+        first.kill()
+        first.wait(10)
+        second, address = start_flow_serve(family_dir, 0, *bind)
+        _answers_the_reference(address, family, reference, within_s=FRONT_END_SILENT_S + 20)
+        assert worker.poll() is None
+    finally:
+        for process in (first, second, worker):
+            if process is not None:
+                process.kill()
+                process.wait(10)
+
+
+def _answers_the_reference(address: str, family, reference, within_s: float) -> None:
+    """Wait until the tier at `address` has a worker, then check its tokens."""
+    tier = GrpcTier(address)
+    deadline = time.monotonic() + within_s
+    try:
+        while True:
+            try:
+                session = tier.open(family.family_hash(), 0)
+                break
+            except TierUnavailable:
+                assert time.monotonic() < deadline, "no worker joined"
+                time.sleep(0.25)
+        assert session.continue_(0, reference.rows, return_all=True).tokens == reference.tokens
+    finally:
+        tier.close()
