@@ -47,7 +47,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                           help="confidence threshold (default: calibration.json, else the "
                                "policy's: " + ", ".join(f"{p} {t}" for p, t in DEFAULT_THRESHOLDS.items())
                                + ")")
-    generate.add_argument("--draft-tokens", type=int, default=4, help="drafts per speculative round")
+    generate.add_argument("--draft-tokens", type=_draft_tokens, default=4, metavar="N|adaptive",
+                          help="drafts per speculative round (default 4), or 'adaptive': as many "
+                               "as pay on this link, from the measured round trip, device step "
+                               "and acceptance")
     generate.add_argument("--codec", choices=CODECS, default="fp32",
                           help="how hand-off rows travel (default fp32)")
     generate.add_argument("--max-new-tokens", type=int, default=64,
@@ -133,3 +136,17 @@ def run_generate(args: argparse.Namespace) -> None:
     generation = client.generate(args.prompt, args.max_new_tokens, **options)  # checks the prompt
     write_steps(generation, args.prompt, colour)
     print(summary(generation), file=sys.stderr)
+
+
+def _draft_tokens(value: str) -> int | str:
+    from device.drafting import ADAPTIVE
+
+    if value == ADAPTIVE:
+        return value
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or {ADAPTIVE!r}, got {value!r}")
+    return tokens

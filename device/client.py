@@ -16,10 +16,11 @@ Modes (DESIGN.md §4), per request:
   (positions frontier..now: the catch-up of tokens it settled alone, plus the current one) and
   takes the tier's token. The tier's KV cache thus always covers every position it answers for,
   so its tokens are exactly the full model's.
-- `speculative`: the member drafts `draft_tokens` greedy tokens; one request verifies all their
-  rows; the longest agreeing prefix plus the tier's own next token is kept, and both sides roll
-  back to it (the tier on the next request, `rollback=True`). Output = the full model's greedy
-  output, one round trip per run of drafts.
+- `speculative`: the member drafts `draft_tokens` greedy tokens (or, with "adaptive", as many
+  as pay on this link: `device.drafting`); one request verifies all their rows; the longest
+  agreeing prefix plus the tier's own next token is kept, and both sides roll back to it (the
+  tier on the next request, `rollback=True`). Output = the full model's greedy output, one round
+  trip per run of drafts.
 - `cloud`: token ids go to the tier, which runs the whole model.
 
 When the tier cannot be reached the client keeps going with its own exit and marks those tokens
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.drafting import draft_policy, top_probability
 from device.member import MemberSession
 from device.text import TextStream
 from flow.artifact import TOKENIZER_FILE, calibration_path, check_member_file, member_path, read_manifest
@@ -101,7 +103,8 @@ class DeviceClient:
     mode: default mode of `generate` (local, exit, speculative, cloud).
     policy / threshold: exit-mode confidence; threshold None takes the member's
         `calibration.json` (written by `flow calibrate`) or a default per policy.
-    draft_tokens: drafts per speculative round. codec: how h_e travels (fp32, fp16, bf16, int8).
+    draft_tokens: drafts per speculative round, or "adaptive" (sized from the measured round
+        trip, device step and acceptance, re-estimated every round). codec: how h_e travels (fp32, fp16, bf16, int8).
     int8: run the int8 member. providers / intra_op_threads: ONNX Runtime settings.
     require_cloud: raise `CloudRequiredError` instead of continuing offline.
     retry_interval: seconds to wait after a failed request before trying the tier again.
@@ -109,7 +112,7 @@ class DeviceClient:
 
     def __init__(self, family_dir: Path | str, exit: int = 0, cloud: NextTier | str | None = None,
                  mode: str = "local", policy: str = DEFAULT_POLICY, threshold: float | None = None,
-                 draft_tokens: int = 4, codec: str = "fp32", int8: bool = False,
+                 draft_tokens: int | str = 4, codec: str = "fp32", int8: bool = False,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
                  require_cloud: bool = False, retry_interval: float = 2.0,
                  cloud_token: str | None = None):
@@ -126,9 +129,7 @@ class DeviceClient:
         self.exit_policy = ExitPolicy(policy, threshold)
         if threshold is None:
             self.exit_policy = ExitPolicy(policy, self._calibrated_threshold(family_dir, policy))
-        if draft_tokens < 1:
-            raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        self.draft_tokens = draft_tokens
+        self.drafting = draft_policy(draft_tokens)
         self.codec = codec
         self.require_cloud = require_cloud
         self.retry_interval = retry_interval
@@ -377,17 +378,23 @@ class Generation:
             yield step
 
     def _speculative_round(self) -> Iterator[Step]:
-        length = len(self.tokens)
-        budget = min(self.client.draft_tokens, self.max_new_tokens - len(self.tiers),
+        length, drafting = len(self.tokens), self.client.drafting
+        budget = min(drafting.cap(), self.max_new_tokens - len(self.tiers),
                      self.client.max_seq_len - length)
         drafts: list[int] = []
+        chance = 1.0  # the member's estimate that every draft so far is accepted
+        began = time.perf_counter()
         while len(drafts) < budget:
+            chance *= top_probability(self.logits)
+            if drafts and not drafting.keep_drafting(chance):
+                break
             drafts.append(int(np.argmax(self.logits)))
             if length + len(drafts) >= self.client.max_seq_len:
                 break  # no slot to feed the last draft: verify what has rows
             self.feed(drafts[-1:], length + len(drafts) - 1)
             if drafts[-1] in self.stop_ids:
                 break
+        drafted = time.perf_counter()
         sent = self.escalate(return_all=True)
         if sent is None:  # offline: the drafts are the device's own greedy tokens
             for token in drafts:
@@ -404,6 +411,7 @@ class Generation:
                 drafts[accepted] == verdicts[accepted]:
             accepted += 1
         kept = length + accepted  # positions 0..kept-1 are right on both sides
+        drafting.observe(len(drafts), accepted, drafted - began, time.perf_counter() - drafted)
         self.drafts_rejected += len(drafts) - accepted
         self.escalation.keep(kept)
         self.computed = min(self.computed, kept)

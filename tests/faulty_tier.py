@@ -10,10 +10,13 @@
 - `drop_sessions()`: closes every session opened through it on the real tier, so their next
   request is refused with `SessionLost`, as after a restart;
 - `lose_next_answer()`: the next `continue_` reaches the tier, which runs it, but its answer is
-  lost on the way back (`TierUnavailable`), as when a link drops between the reply and the device.
+  lost on the way back (`TierUnavailable`), as when a link drops between the reply and the device;
+- `delay_s`: every call takes that much longer (a link's round trip).
 """
 
 from __future__ import annotations
+
+import time
 
 from flow.tier import TierUnavailable
 
@@ -22,6 +25,7 @@ class FaultyTier:
     def __init__(self, tier):
         self.tier, self.name = tier, tier.name
         self.reachable = True
+        self.delay_s = 0.0
         self._refusal: Exception | None = None
         self._lose = False
         self._sessions: list[FaultySession] = []
@@ -38,7 +42,8 @@ class FaultyTier:
         self._sessions.clear()
 
     def check(self) -> None:
-        """Raise the fault switched on for this call, if any."""
+        """Raise the fault switched on for this call, if any (after the link's delay)."""
+        time.sleep(self.delay_s)
         if not self.reachable:
             raise TierUnavailable(f"{self.name} tier is unreachable")
         refusal, self._refusal = self._refusal, None
