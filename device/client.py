@@ -22,6 +22,8 @@ Modes (DESIGN.md §4), per request:
   tier on the next request, `rollback=True`). Output = the full model's greedy output, one round
   trip per run of drafts.
 - `cloud`: token ids go to the tier, which runs the whole model.
+- `auto`: per request, `speculative` or `cloud`, whichever the client measured to be faster for
+  the request's length on this link (`device.auto`).
 
 When the tier cannot be reached the client keeps going with its own exit and marks those tokens
 `offline`; the hand-off rows stay pending and are replayed on the next successful request (from
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.auto import ModeChooser
 from device.drafting import draft_policy, top_probability
 from device.member import MemberSession
 from device.text import TextStream
@@ -86,6 +89,7 @@ class Completion:
     round_trips: int = 0
     drafts_accepted: int = 0  # speculative drafts the tier confirmed (they are tokens above)
     drafts_rejected: int = 0  # drafts the tier verified and replaced (never shown to the user)
+    mode: str = ""  # the mode that ran (what `auto` chose; "local" after a cloud stream failed)
 
     @property
     def device_share(self) -> float:
@@ -130,6 +134,7 @@ class DeviceClient:
         if threshold is None:
             self.exit_policy = ExitPolicy(policy, self._calibrated_threshold(family_dir, policy))
         self.drafting = draft_policy(draft_tokens)
+        self.mode_chooser = ModeChooser()  # auto mode's measurements of the lossless modes
         self.codec = codec
         self.require_cloud = require_cloud
         self.retry_interval = retry_interval
@@ -172,7 +177,8 @@ class DeviceClient:
             tiers=run.tiers, offline=run.offline,
             finish_reason=run.finish_reason, prompt_tokens=run.prompt_length, timings=run.timings,
             bytes_sent=run.bytes_sent, bytes_received=run.bytes_received, round_trips=run.round_trips,
-            drafts_accepted=run.drafts_accepted, drafts_rejected=run.drafts_rejected)
+            drafts_accepted=run.drafts_accepted, drafts_rejected=run.drafts_rejected,
+            mode=run.mode)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -181,7 +187,7 @@ class DeviceClient:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode != "local" and self.tier is None:
             raise ConfigError(f"mode {mode!r} needs a next tier: pass cloud=...")
-        if mode in ("exit", "speculative") and self.exit == self.config.last_exit:
+        if mode in ("exit", "speculative", "auto") and self.exit == self.config.last_exit:
             raise ConfigError(f"member {self.exit} is the full model; there is nothing after it "
                               f"to escalate to (use mode='local')")
         return mode
@@ -253,6 +259,8 @@ class Generation:
         if mode == "speculative" and sampling.temperature > 0:
             raise ConfigError("speculative mode verifies greedy drafts; use temperature=0, or "
                               "mode='exit' to sample")
+        if mode == "auto":
+            mode = client.mode_chooser.choose(max_new_tokens, greedy=sampling.temperature == 0)
         self.client, self.mode = client, mode
         self.member = client.member
         self.tokens = list(prompt)
@@ -338,6 +346,9 @@ class Generation:
             if self.escalation is not None:
                 self.timings["tier_s"] += self.escalation.seconds
                 self.escalation.close()
+            if not any(self.offline):
+                self.client.mode_chooser.observe(self.mode, self.timings["first_token_s"],
+                                                 self.timings["total_s"], len(self.tiers))
 
     @property
     def done(self) -> bool:

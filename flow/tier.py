@@ -23,8 +23,9 @@ from flow.errors import FlowError
 
 # The ways a device uses its next tier (DESIGN.md §4): its member alone; the tier settles the
 # tokens the member is unsure of; the tier verifies runs of the member's drafts; the tier
-# generates from token ids.
-MODES = ("local", "exit", "speculative", "cloud")
+# generates from token ids; per request, whichever of the two lossless ones (speculative,
+# cloud) should be faster on the measured link.
+MODES = ("local", "exit", "speculative", "cloud", "auto")
 
 
 # ---- the protocol's errors -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from device.drafting import MAX_DRAFT, AdaptiveDraft, FixedDraft, draft_policy
 from faulty_tier import FaultyTier
 from flow.errors import ConfigError
 from flow.reference_tier import ReferenceTier
-from greedy import check_drafts_were_accepted_and_rejected, check_speculative
+from greedy import check_drafts_were_accepted_and_rejected, check_speculative, greedy
 
 PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 7, 42, 7, 42, 7]]
 
@@ -94,3 +94,20 @@ def test_a_draft_length_that_is_neither_a_count_nor_adaptive_is_refused():
     for bad in (0, -1, "many", 2.5, True):
         with pytest.raises(ConfigError, match="draft_tokens"):
             draft_policy(bad)
+
+
+def test_auto_mode_tries_each_lossless_mode_then_keeps_the_faster(agreeing_family):
+    """Catches: auto mode leaving the full model's output, never measuring a mode, or sticking
+    with the slower one. Here every request pays 0.3 s, so `cloud` (one request per generation)
+    beats `speculative` (one per round) once both are measured."""
+    family_dir, family = agreeing_family
+    tier = FaultyTier(ReferenceTier(family))
+    tier.delay_s = 0.3
+    c = DeviceClient(family_dir, exit=0, cloud=tier, mode="auto", draft_tokens=2,
+                     retry_interval=0.0)
+    results = [c.complete(p, max_new_tokens=12, ignore_eos=True) for p in PROMPTS[:3]]
+    assert [r.mode for r in results] == ["speculative", "cloud", "cloud"]
+    for prompt, result in zip(PROMPTS, results, strict=False):
+        assert result.tokens == greedy(family, family.config.last_exit, prompt, 12)
+    sampled = c.complete(PROMPTS[0], max_new_tokens=4, temperature=0.8, seed=1, ignore_eos=True)
+    assert sampled.mode == "cloud"  # verification is greedy: a sampled request streams
