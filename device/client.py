@@ -90,6 +90,7 @@ class Completion:
     drafts_accepted: int = 0  # speculative drafts the tier confirmed (they are tokens above)
     drafts_rejected: int = 0  # drafts the tier verified and replaced (never shown to the user)
     mode: str = ""  # the mode that ran (what `auto` chose; "local" after a cloud stream failed)
+    token_times: list[float] = field(default_factory=list)  # seconds from the start, per token
 
     @property
     def device_share(self) -> float:
@@ -178,7 +179,7 @@ class DeviceClient:
             finish_reason=run.finish_reason, prompt_tokens=run.prompt_length, timings=run.timings,
             bytes_sent=run.bytes_sent, bytes_received=run.bytes_received, round_trips=run.round_trips,
             drafts_accepted=run.drafts_accepted, drafts_rejected=run.drafts_rejected,
-            mode=run.mode)
+            mode=run.mode, token_times=run.token_times)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -280,6 +281,7 @@ class Generation:
         self._cloud_calls = 0  # cloud mode's streamed call counts as a round trip
         self._started = 0.0
         self.tiers: list[str] = []  # per emitted token: "device" or the tier that settled it
+        self.token_times: list[float] = []  # per emitted token: seconds since the start
         self.offline: list[bool] = []  # per emitted token: settled alone, the tier unreachable
         self.cloud_failed = False  # cloud mode fell back to the device
         # speculative drafts the tier verified: kept, or replaced by its own token and dropped
@@ -358,8 +360,10 @@ class Generation:
     def emit(self, token: int, tier: str, offline: bool = False) -> Step | None:
         if self.done:
             return None
+        now = time.perf_counter() - self._started
         if not self.tiers:
-            self.timings["first_token_s"] = time.perf_counter() - self._started
+            self.timings["first_token_s"] = now
+        self.token_times.append(now)
         self.tokens.append(token)
         self.tiers.append(tier)
         self.offline.append(offline)

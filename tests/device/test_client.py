@@ -124,6 +124,9 @@ def test_cloud_mode_sends_token_ids_and_gets_the_full_model(device_family, tier)
     result = complete(client(device_family, tier, mode="cloud"), prompt, max_new_tokens=12)
     assert result.tokens == greedy(device_family[1], 2, prompt, 12)
     assert result.bytes_sent == 4 * len(prompt) and set(result.tiers) == {"cloud"}
+    times = result.token_times  # what time-between-tokens figures are made of
+    assert len(times) == 12 and times == sorted(times)
+    assert times[0] == result.timings["first_token_s"] and times[-1] <= result.timings["total_s"]
 
 
 def test_outage_keeps_generating_offline_then_catches_up_exactly(device_family, any_tier):
