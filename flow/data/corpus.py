@@ -175,3 +175,22 @@ def iter_documents(corpus_dir: Path | str, split: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)["text"]
+
+
+def code_prompts(corpus_dir: Path | str, count: int, split: str = "heldout",
+                 context_lines: int = 6) -> list[str]:
+    """`count` prompts from real code the model did not train on: in file order, each function
+    definition of the split (a line starting with `def `) that has a body, with up to
+    `context_lines` lines before it, ending with its signature line, so the model writes the
+    body. One prompt per document, so the prompts span many files."""
+    prompts = []
+    for text in iter_documents(corpus_dir, split):
+        lines = text.splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if line.startswith("def ") and line.rstrip().endswith(":") and lines[i + 1].strip():
+                prompts.append("\n".join(lines[max(0, i - context_lines):i + 1]) + "\n")
+                break
+        if len(prompts) == count:
+            return prompts
+    raise DataError(f"{corpus_dir}'s {split} split has {len(prompts)} functions to prompt with, "
+                    f"not {count}; ask for fewer prompts or build a larger corpus")
