@@ -29,7 +29,12 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                     "On a terminal, tokens settled by the next tier are bold blue and tokens "
                     "settled offline yellow; a summary line follows.")
     generate.add_argument("family", type=Path, help="family directory (with members/<K>/device.onnx)")
-    generate.add_argument("--prompt", required=True, help="text to continue")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompts-file", type=Path,
+                        help="a JSON list of prompts, continued one after another by one client "
+                             "(so adaptive drafts and auto mode learn the link); needs --json, "
+                             "which then prints one JSON object per prompt and line")
     generate.add_argument("--exit", type=int, default=0, help="member to run on the device (default 0)")
     generate.add_argument("--mode", choices=MODES, default="local",
                           help="how the device uses the next tier (default local: not at all)")
@@ -128,6 +133,15 @@ def run_generate(args: argparse.Namespace) -> None:
                           intra_op_threads=args.threads, require_cloud=args.require_cloud)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.prompts_file is not None:
+        if not args.json:
+            from flow.errors import ConfigError
+
+            raise ConfigError("--prompts-file prints JSON lines: add --json")
+        for text in _read_prompts(args.prompts_file):
+            result = client.complete(text, args.max_new_tokens, **options)
+            print(json.dumps({**result.__dict__, "device_share": result.device_share}), flush=True)
+        return
     if args.json:
         result = client.complete(args.prompt, args.max_new_tokens, **options)
         print(json.dumps({**result.__dict__, "device_share": result.device_share}, indent=2))
@@ -136,6 +150,21 @@ def run_generate(args: argparse.Namespace) -> None:
     generation = client.generate(args.prompt, args.max_new_tokens, **options)  # checks the prompt
     write_steps(generation, args.prompt, colour)
     print(summary(generation), file=sys.stderr)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    from flow.errors import ConfigError
+
+    try:
+        prompts = json.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"--prompts-file {path}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--prompts-file {path} is not JSON ({err})") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p
+                                                               for p in prompts):
+        raise ConfigError(f"--prompts-file {path} must hold a JSON list of non-empty strings")
+    return prompts
 
 
 def _draft_tokens(value: str) -> int | str:

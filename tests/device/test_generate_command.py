@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from tokenizers import Tokenizer
 
-from greedy import check_drafts_were_accepted_and_rejected, check_speculative
+from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative
 from runs import flow
 
 
@@ -42,3 +42,25 @@ def test_bad_requests_fail_with_one_line(device_family):
     assert out.returncode == 1 and "prompt is empty" in out.stderr and "Traceback" not in out.stderr
     out = flow("generate", device_family[0], "--prompt", "x", "--mode", "exit", check=False)
     assert out.returncode == 1 and "needs a next tier" in out.stderr
+
+
+def test_a_prompts_file_is_continued_prompt_by_prompt_by_one_client(agreeing_family, tmp_path):
+    """Catches: a prompts file whose results come back out of order, merged, or from a client
+    that forgot what it measured (auto mode must try both lossless modes, then settle)."""
+    family_dir, family = agreeing_family
+    texts = ["import heapq", "def parse(s):", "x = 1", "class A:"]
+    (tmp_path / "prompts.json").write_text(json.dumps(texts))
+    out = flow("generate", family_dir, "--prompts-file", tmp_path / "prompts.json", "--json",
+               "--mode", "auto", "--cloud", "local", "--max-new-tokens", "6", "--ignore-eos")
+    results = [SimpleNamespace(**json.loads(line)) for line in out.stdout.splitlines()]
+    tokenizer = Tokenizer.from_file(str(family_dir / "tokenizer.json"))
+    assert [r.prompt_tokens for r in results] == [len(tokenizer.encode(t).ids) for t in texts]
+    assert [r.mode for r in results][:2] == ["speculative", "cloud"]
+    for text, result in zip(texts, results, strict=True):
+        assert check_same_greedy(family, family.config.last_exit, tokenizer.encode(text).ids,
+                                 result.tokens, 6) == []
+    for content, message in (("[]", "non-empty strings"), ("{", "not JSON")):
+        (tmp_path / "bad.json").write_text(content)
+        bad = flow("generate", family_dir, "--prompts-file", tmp_path / "bad.json", "--json",
+                   check=False)
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
