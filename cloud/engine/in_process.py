@@ -106,6 +106,27 @@ class InProcessEngineClient:
         loop = asyncio.get_running_loop()
         return await self.thread.post(lambda: fn(*args, **kwargs), loop)
 
+    async def _submit(self, fn: Callable, *args, **kwargs):
+        """Queue work with the engine. A caller cancelled before the engine took it withdraws
+        it, ahead of anything the caller sends next (else a continuation would hold its session
+        and refuse the caller's retry, and a generation its slot)."""
+        loop = asyncio.get_running_loop()
+        taken: dict[str, Any] = {}  # shared with the engine thread; dict updates are atomic
+
+        def submit():
+            if taken.get("abandoned"):
+                return None
+            taken["work"] = fn(*args, **kwargs)
+            return taken["work"]
+
+        try:
+            return await self.thread.post(submit, loop)
+        except asyncio.CancelledError:
+            taken["abandoned"] = True
+            # Commands run in order: this one runs after the submit and before any later call.
+            self.thread.post(lambda: taken.get("work") and self.engine.cancel(taken["work"]), loop)
+            raise
+
     async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
         return await self._call(self.engine.open_session, owner, from_exit)
 
@@ -114,8 +135,9 @@ class InProcessEngineClient:
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
         on_done = lambda work: loop.call_soon_threadsafe(_settle, finished, work, None)  # noqa: E731
-        work = await self._call(self.engine.submit_continue, session_id, owner, start, rows,
-                                return_all=return_all, top_k=top_k, rollback=rollback, on_done=on_done)
+        work = await self._submit(self.engine.submit_continue, session_id, owner, start, rows,
+                                  return_all=return_all, top_k=top_k, rollback=rollback,
+                                  on_done=on_done)
         try:
             work = await finished
         except asyncio.CancelledError:
@@ -138,8 +160,8 @@ class InProcessEngineClient:
         tokens: asyncio.Queue = asyncio.Queue()
         on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)  # noqa: E731
         on_done = lambda work: loop.call_soon_threadsafe(tokens.put_nowait, work)  # noqa: E731
-        work = await self._call(self.engine.submit_generate, owner, token_ids, max_new_tokens,
-                                sampling, stop_ids, on_token=on_token, on_done=on_done)
+        work = await self._submit(self.engine.submit_generate, owner, token_ids, max_new_tokens,
+                                  sampling, stop_ids, on_token=on_token, on_done=on_done)
         try:
             while True:
                 item = await tokens.get()
