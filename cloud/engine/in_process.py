@@ -111,20 +111,17 @@ class InProcessEngineClient:
         it, ahead of anything the caller sends next (else a continuation would hold its session
         and refuse the caller's retry, and a generation its slot)."""
         loop = asyncio.get_running_loop()
-        taken: dict[str, Any] = {}  # shared with the engine thread; dict updates are atomic
+        taken: list = []  # the work, once the engine thread has queued it
 
         def submit():
-            if taken.get("abandoned"):
-                return None
-            taken["work"] = fn(*args, **kwargs)
-            return taken["work"]
+            taken.append(fn(*args, **kwargs))
+            return taken[0]
 
         try:
             return await self.thread.post(submit, loop)
         except asyncio.CancelledError:
-            taken["abandoned"] = True
             # Commands run in order: this one runs after the submit and before any later call.
-            self.thread.post(lambda: taken.get("work") and self.engine.cancel(taken["work"]), loop)
+            self.thread.post(lambda: taken and self.engine.cancel(taken[0]), loop)
             raise
 
     async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
