@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -37,3 +38,17 @@ def save_figure(figure, name: str) -> Path:
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, prompts: int, tokens: int = 32) -> None:
+    """The options of a benchmark that generates on a family's member from held-out code prompts:
+    --family, --exit, --corpus, --prompts, --tokens."""
+    parser.add_argument("--family", type=Path, default=REPO / "runs/smollm2/family",
+                        help="family directory with exported members (default: %(default)s)")
+    parser.add_argument("--exit", type=int, default=1, help="the devices' member (default 1)")
+    parser.add_argument("--corpus", type=Path, default=REPO / "runs/demo/corpus",
+                        help="corpus whose held-out split gives the prompts (default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=prompts,
+                        help=f"prompts per device (default {prompts})")
+    parser.add_argument("--tokens", type=int, default=tokens,
+                        help=f"tokens per prompt (default {tokens})")

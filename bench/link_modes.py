@@ -6,8 +6,9 @@ sits between it and a `DeviceClient` in this process, which generates from held-
 (functions of the corpus' held-out split) in each mode:
 
 - `local` (the member alone), `cloud` (the whole model streamed from the tier), `exit` at the
-  member's calibrated threshold, `speculative` with 1, 2, 4 and 8 drafts and `adaptive` drafts,
-  and `auto` (per request, whichever lossless mode it measured faster).
+  member's calibrated threshold (hand-off rows in fp32, and fp16, bf16 and int8: bytes against
+  agreement), `speculative` with 1, 2, 4 and 8 drafts and `adaptive` drafts, and `auto` (per
+  request, whichever lossless mode it measured faster).
 
 Each (profile, mode) gets a fresh client and one warm-up generation (not counted), then
 generates every prompt once. Agreement is the share of generated tokens equal to the full
@@ -32,15 +33,17 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, save_figure, write_json
+from common import add_generation_arguments, save_figure, write_json
 
 from device import DeviceClient
 from flow.data.corpus import code_prompts
 from flow.link import PROFILES, LinkShaper
 
 FIXED_DRAFTS = (1, 2, 4, 8)
-VARIANTS = ["local", "cloud", "exit", *[f"speculative-{k}" for k in FIXED_DRAFTS],
-            "speculative-adaptive", "auto"]
+# hand-off codecs besides fp32, on exit mode: bytes per token against agreement
+CODECS = ("fp16", "bf16", "int8")
+VARIANTS = ["local", "cloud", "exit", *[f"exit@{codec}" for codec in CODECS],
+            *[f"speculative-{k}" for k in FIXED_DRAFTS], "speculative-adaptive", "auto"]
 LOSSLESS = {"cloud", "auto", *[v for v in VARIANTS if v.startswith("speculative")]}
 
 
@@ -57,17 +60,18 @@ def start_tier(family: Path, exit: int) -> tuple[subprocess.Popen, str]:
     return process, line.split()[-1]
 
 
-def client_for(variant: str, family: Path, exit: int, address: str) -> tuple[DeviceClient, str]:
+def client_for(variant: str, family: Path, exit: int, address: str) -> DeviceClient:
+    """The client of a variant: MODE[-DRAFTS][@CODEC]."""
+    variant, _, codec = variant.partition("@")
     mode, _, drafts = variant.partition("-")
     draft_tokens = (int(drafts) if drafts.isdigit() else drafts) if drafts else "adaptive"
-    client = DeviceClient(family, exit=exit, cloud=address, mode=mode, draft_tokens=draft_tokens,
-                          retry_interval=0.5)
-    return client, mode
+    return DeviceClient(family, exit=exit, cloud=address, mode=mode, draft_tokens=draft_tokens,
+                        codec=codec or "fp32", retry_interval=0.5)
 
 
 def measure(variant: str, family: Path, exit: int, address: str, prompts: list[str],
             tokens: int, reference: list[list[int]] | None) -> dict:
-    client, _ = client_for(variant, family, exit, address)
+    client = client_for(variant, family, exit, address)
     client.complete(prompts[0], max_new_tokens=8, ignore_eos=True)  # warm-up: sessions, caches
     runs = [client.complete(prompt, max_new_tokens=tokens, ignore_eos=True) for prompt in prompts]
     produced = sum(len(r.tokens) for r in runs)
@@ -122,9 +126,11 @@ def plot(results: dict, name: str) -> Path:
     width = 0.8 / len(VARIANTS)
     for i, variant in enumerate(VARIANTS):
         xs = [p + (i - len(VARIANTS) / 2) * width for p in range(len(profiles))]
+        colour = plt.cm.tab20(i)
         axes[0].bar(xs, [results[p][variant]["tokens_per_s"] for p in profiles], width,
-                    label=variant)
-        axes[1].bar(xs, [results[p][variant]["first_token_ms"] for p in profiles], width)
+                    label=variant, color=colour)
+        axes[1].bar(xs, [results[p][variant]["first_token_ms"] for p in profiles], width,
+                    color=colour)
     for axis, title in zip(axes, ("tokens/s (higher is better)", "time to first token, ms"),
                            strict=True):
         axis.set_xticks(range(len(profiles)), profiles)
@@ -137,15 +143,9 @@ def plot(results: dict, name: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", type=Path, default=REPO / "runs/smollm2/family",
-                        help="family directory with exported members (default: %(default)s)")
-    parser.add_argument("--exit", type=int, default=1, help="the device's member (default 1)")
-    parser.add_argument("--corpus", type=Path, default=REPO / "runs/demo/corpus",
-                        help="corpus whose held-out split gives the prompts (default: %(default)s)")
+    add_generation_arguments(parser, prompts=3)
     parser.add_argument("--profiles", nargs="+", default=["lan", "wifi", "4g", "3g"],
                         choices=list(PROFILES), help="link profiles (default: lan wifi 4g 3g)")
-    parser.add_argument("--prompts", type=int, default=3, help="prompts per mode (default 3)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per prompt (default 32)")
     parser.add_argument("--name", default="link_modes", help="results name (default %(default)s)")
     args = parser.parse_args()
 

@@ -103,8 +103,10 @@ class Simulation:
                            "--name", "edge")
 
     def _serve(self, *options) -> str:
+        # A slot per device and its reference run, of a context for a prompt and its tokens
+        # (SmolLM2's full context in every slot would be gigabytes).
         process = self._spawn("serve", self.plan.family, "--port", 0, "--max-sessions",
-                              max(8, 2 * self.plan.devices), *options)
+                              max(8, 2 * self.plan.devices), "--max-context", 1024, *options)
         line = process.stdout.readline()
         if not line.startswith("listening on "):
             raise FlowError(f"flow serve did not start ({line.strip() or 'no output'}); run the "
