@@ -108,20 +108,23 @@ class InProcessEngineClient:
 
     async def _submit(self, fn: Callable, *args, **kwargs):
         """Queue work with the engine. A caller cancelled before the engine took it withdraws
-        it, ahead of anything the caller sends next (else a continuation would hold its session
-        and refuse the caller's retry, and a generation its slot)."""
+        it (else a continuation would hold its session and refuse the caller's retry, and a
+        generation its slot): not submitted at all if the engine has not come to it yet, else
+        cancelled by a command queued right behind it."""
         loop = asyncio.get_running_loop()
-        taken: list = []  # the work, once the engine thread has queued it
+        taken: dict[str, Any] = {}  # shared with the engine thread; dict updates are atomic
 
         def submit():
-            taken.append(fn(*args, **kwargs))
-            return taken[0]
+            if taken.get("abandoned"):
+                return None
+            taken["work"] = fn(*args, **kwargs)
+            return taken["work"]
 
         try:
             return await self.thread.post(submit, loop)
         except asyncio.CancelledError:
-            # Commands run in order: this one runs after the submit and before any later call.
-            self.thread.post(lambda: taken and self.engine.cancel(taken[0]), loop)
+            taken["abandoned"] = True
+            self.thread.post(lambda: "work" in taken and self.engine.cancel(taken["work"]), loop)
             raise
 
     async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
