@@ -11,10 +11,17 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from flow.cli import data_commands, family_commands, link_commands, simulate_commands
+from flow.cli import (
+    bench_commands,
+    data_commands,
+    family_commands,
+    link_commands,
+    simulate_commands,
+)
 from flow.errors import FlowError
 
-COMMAND_MODULES = (data_commands, family_commands, link_commands, simulate_commands)
+COMMAND_MODULES = (data_commands, family_commands, link_commands, simulate_commands,
+                   bench_commands)
 # Modules of the optional extras, and the extra that brings each (pyproject.toml).
 EXTRAS = {"torch": "cloud", "onnx": "cloud", "onnxscript": "cloud", "megatron": "train",
           "zmq": "cloud", "prometheus_client": "cloud", "grpc_health": "cloud",

@@ -80,3 +80,14 @@ def test_compose_commands_are_valid_flow_invocations():
     for command in commands:
         assert command[0] == "flow"
         parser.parse_args(command[1:])  # raises SystemExit on an invalid command line
+
+
+def test_flow_bench_lists_every_benchmark_script_with_its_command():
+    """Catches: a benchmark script `flow bench all` would never run (its figures then come from
+    no command of the suite)."""
+    bench = Path(__file__).parents[2] / "bench"
+    listed = flow("bench", "list").stdout
+    scripts = {p.name for p in bench.glob("*.py")} - {"common.py", "suite.py"}
+    assert scripts and all(f"python bench/{name}" in listed for name in scripts), listed
+    unknown = flow("bench", "no_such_benchmark", check=False)
+    assert unknown.returncode == 2 and "flow bench list" in unknown.stderr

@@ -1,0 +1,114 @@
+"""The benchmark suite: every README figure's command, run one after another (`flow bench`).
+
+Each entry is a benchmark script with the arguments the README quotes and the files it needs
+(what `make demo` builds; `make demo-scratch` the from-scratch family; the distilled family is
+prepared by hand, see bench/exit_distillation.py). `flow bench all` runs every entry whose inputs exist, in this order,
+each as its own process, and writes bench/results/suite.json: per entry the command, seconds,
+exit status, or why it was skipped.
+
+    flow bench list
+    flow bench all
+    flow bench link_modes many_devices
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMOL = "runs/smollm2"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    what: str
+    argv: tuple[str, ...]  # the script (under bench/) and its arguments
+    needs: tuple[str, ...] = ()  # paths (relative to the checkout) that must exist
+
+
+SUITE = (
+    Entry("device_latency", "device member latency, ONNX Runtime against PyTorch eager",
+          ("device_latency.py",)),
+    Entry("device_latency_smollm2", "the SmolLM2 members' latency",
+          ("device_latency.py", "--sizes", f"{SMOL}/family:0", f"{SMOL}/family:1", "--name",
+           "device_latency_smollm2"), (f"{SMOL}/family/members/1",)),
+    Entry("device_install_size", "what a device installs", ("device_install_size.py",)),
+    Entry("exit_tuning", "what exit tuning costs against a backbone forward",
+          ("exit_tuning.py", "--family", f"{SMOL}/imported", "--tokens", f"{SMOL}/tokens",
+           "--rounds", "4"), (f"{SMOL}/imported", f"{SMOL}/tokens")),
+    Entry("exit_tradeoff", "what an exit settles on the device, untuned against tuned",
+          ("exit_tradeoff.py", "--data", f"{SMOL}/tokens", "--family",
+           f"untuned={SMOL}/imported", "--family", f"tuned={SMOL}/family"),
+          (f"{SMOL}/imported", f"{SMOL}/family", f"{SMOL}/tokens")),
+    Entry("cloud_throughput", "batched engine against one at a time, gRPC, whole-model generation",
+          ("cloud_throughput.py",)),
+    Entry("link_modes", "every device mode over shaped links",
+          ("link_modes.py",), (f"{SMOL}/family/members/1", "runs/demo/corpus")),
+    Entry("many_devices", "1, 4 and 8 devices against one cloud",
+          ("many_devices.py",), (f"{SMOL}/family/members/1", "runs/demo/corpus")),
+    Entry("soak", "floods, churn, kills and freezes for a bounded time", ("soak.py",)),
+    Entry("family_vs_separate", "one family against separately trained models of the same depth",
+          ("family_vs_separate.py", "--corpus", "runs/demo/corpus", "--steps", "200"),
+          ("runs/demo/corpus",)),
+    Entry("train_throughput", "training throughput per TP x PP x DP layout",
+          ("train_throughput.py", "--corpus", "runs/demo/corpus", "--preset", "demo", "--steps", "8"),
+          ("runs/demo/corpus",)),
+    Entry("int8_cost", "what int8 costs a device member (the from-scratch family)",
+          ("int8_cost.py", "--family", "runs/demo/family", "--data", "runs/demo/corpus"),
+          ("runs/demo/family/members/0",)),
+    Entry("exit_distillation", "CE against self-distillation for the exits (hours)",
+          ("exit_distillation.py",), ("runs/smollm2-distilled/family",)),
+)
+
+
+def run(names: list[str], progress=print) -> list[dict]:
+    """Run the entries named (all: every one) in suite order; their outcomes."""
+    chosen = [e for e in SUITE if "all" in names or e.name in names]
+    outcomes = []
+    for index, entry in enumerate(chosen, 1):
+        command = [sys.executable, str(REPO / "bench" / entry.argv[0]), *entry.argv[1:]]
+        shown = "python bench/" + shlex.join(entry.argv)
+        missing = [p for p in entry.needs if not (REPO / p).exists()]
+        if missing:
+            progress(f"[{index}/{len(chosen)}] {entry.name}: skipped, needs {', '.join(missing)} "
+                     f"(`make demo` builds them)")
+            outcomes.append({"name": entry.name, "command": shown, "skipped": missing})
+            continue
+        progress(f"[{index}/{len(chosen)}] {entry.name}: {shown}")
+        began = time.monotonic()
+        status = subprocess.run(command, cwd=REPO).returncode
+        outcomes.append({"name": entry.name, "command": shown, "returncode": status,
+                         "seconds": round(time.monotonic() - began, 1)})
+    return outcomes
+
+
+def write_outcomes(outcomes: list[dict]) -> Path:
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import write_json
+
+    return write_json("suite", {"entries": outcomes})
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv == ["list"]:
+        for entry in SUITE:
+            print(f"{entry.name:24s} {entry.what}\n{'':24s} python bench/{shlex.join(entry.argv)}")
+        return 0
+    unknown = set(argv) - {e.name for e in SUITE} - {"all"}
+    if unknown:
+        print(f"unknown benchmark(s) {', '.join(sorted(unknown))}; `flow bench list` lists them",
+              file=sys.stderr)
+        return 2
+    outcomes = run(argv)
+    print(f"wrote {write_outcomes(outcomes)}")
+    return 0 if all(o.get("returncode", 0) == 0 for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
