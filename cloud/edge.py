@@ -15,6 +15,9 @@ nothing of it here either:
 - A rollback from the device rolls back the edge's engine (the engine does it on `rollback=True`)
   and the edge's rows on the next tier (on its next request there).
 
+- A whole-model generation (`cloud` mode) goes on to the next tier, whose tokens stream back
+  through the edge: devices reach every mode through the tier they are given.
+
 When the next tier is unreachable an `exit`-mode answer falls back to exit J's own token (it is
 still a better token than the device's); a verification answers UNAVAILABLE, so the device goes
 on with its drafts offline.
@@ -23,6 +26,8 @@ on with its drafts offline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -98,10 +103,37 @@ class EdgeEngineClient:
         await self.inner.close(session_id, owner)
         await self._close_upstream(self._forget((owner, session_id)))
 
-    def generate(self, owner: str, token_ids: list[int], max_new_tokens: int,
-                 sampling: SamplingParams, stop_ids: tuple[int, ...]) -> AsyncIterator[int]:
-        # An edge engine holds only its blocks: the inner client refuses (InvalidRequest).
-        return self.inner.generate(owner, token_ids, max_new_tokens, sampling, stop_ids)
+    async def generate(self, owner: str, token_ids: list[int], max_new_tokens: int,
+                       sampling: SamplingParams, stop_ids: tuple[int, ...]) -> AsyncIterator[int]:
+        # The edge holds only its blocks: the next tier runs the whole model. Its client is
+        # blocking, so a thread reads the stream; leaving early stops the thread at its next token.
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                loop.call_soon_threadsafe(tokens.put_nowait, item)
+
+        def read() -> None:
+            try:
+                for token in self.next_tier.generate(token_ids, max_new_tokens, sampling,
+                                                     stop_ids, family_hash=self.family_hash):
+                    if stop.is_set():
+                        return
+                    put(token)
+                put(None)
+            except Exception as err:  # noqa: BLE001 - raised to the caller, who maps it
+                put(err)
+
+        threading.Thread(target=read, name="flow-edge-generate", daemon=True).start()
+        try:
+            while (item := await tokens.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
 
     async def ended_sessions(self) -> list[str]:
         return await self._forget_ended()

@@ -95,8 +95,8 @@ class Simulation:
         """Start the cloud (and the edge); the address devices reach."""
         plan = self.plan
         self.metrics_port = _free_port()
-        cloud = self._serve("--from-exit", plan.exit, "--workers", plan.workers,
-                            "--metrics-port", self.metrics_port)
+        cloud = self.cloud_address = self._serve("--from-exit", plan.exit, "--workers", plan.workers,
+                                                 "--metrics-port", self.metrics_port)
         if not plan.edge:
             return cloud
         return self._serve("--from-exit", plan.exit, "--to-exit", plan.exit + 1, "--next", cloud,
@@ -165,7 +165,7 @@ class Simulation:
         plan = self.plan
         address = self.start_tiers()
         progress(f"tiers up at {address}; the full model's tokens (cloud mode, no shaping)...")
-        (reference,) = self.run_devices("cloud", address, 1, "none")
+        (reference,) = self.run_devices("cloud", self.cloud_address, 1, "none")
         full = [r["tokens"] for r in reference["results"]]
         report = {"plan": {k: (str(v) if isinstance(v, Path) else v)
                            for k, v in plan.__dict__.items()}, "profile": PROFILES[plan.profile].__dict__,

@@ -94,3 +94,17 @@ def test_edge_without_its_cloud_still_answers_exit_mode_with_its_own_exit(device
         # verification needs the full model: the device goes on alone with its own greedy tokens
         assert all(result.offline) and set(result.tiers) == {"device"}
         assert result.tokens == greedy(family, 0, PROMPTS[1], 6)
+
+
+def test_a_whole_model_generation_through_an_edge_is_the_cloud_s(device_family, cloud):
+    """Catches: an edge refusing `cloud` mode (its engine holds only its blocks) instead of
+    passing the generation on to the tier that has them."""
+    family_dir, family = device_family
+    prompt = [17, 3, 250, 9]
+    with edge(device_family, cloud, threshold=0.0) as address:
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="cloud")
+        result = client.complete(prompt, max_new_tokens=10, ignore_eos=True)
+        stopped_early = client.generate(prompt, max_new_tokens=40, mode="cloud", ignore_eos=True)
+        assert len([step for step, _ in zip(stopped_early, range(3), strict=False)]) == 3
+    assert result.tokens == greedy(family, family.config.last_exit, prompt, 10)
+    assert not any(result.offline)

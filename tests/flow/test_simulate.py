@@ -53,3 +53,19 @@ def test_simulate_reports_every_mode_of_two_devices_on_shaped_links(agreeing_fam
     assert report["modes"]["auto"]["modes_run"] == ["cloud", "speculative"]
     assert 0 < report["modes"]["exit"]["tier_share"].get("device", 0) < 1
     assert report["modes"]["speculative"]["cloud_engine_s_per_token"] > 0
+
+
+def test_simulate_through_an_edge_with_engine_workers(agreeing_family, corpus, tmp_path):
+    """Catches: `--edge` or `--workers` starting a topology whose devices cannot reach the cloud
+    (every token offline), or an edge whose speculative output leaves the full model's."""
+    family_dir, _ = agreeing_family
+    out = tmp_path / "report.json"
+    flow("simulate", family_dir, "--devices", "2", "--profile", "lan", "--mode", "speculative",
+         "--edge", "--workers", "1", "--corpus", corpus, "--prompts", "2", "--tokens", "8",
+         "--out", out, timeout=300)
+    figures = json.loads(out.read_text())["modes"]["speculative"]
+    assert figures["errors"] == [] and figures["tokens"] == 2 * 2 * 8
+    assert figures["agreement"] == 1.0
+    assert not any(name.endswith("(offline)") for name in figures["tier_share"]), figures
+    # verifications go through the edge to the full model: settled by the cloud, or drafts kept
+    assert set(figures["tier_share"]) == {"cloud", "device"}
