@@ -415,11 +415,9 @@ class Engine:
         if rows.shape[1] != hidden_size:
             raise InvalidRequest(f"hand-off rows must have this family's hidden size {hidden_size}, "
                                  f"got {rows.shape[1]}")
-        if not 1 <= len(rows) <= most:
-            if len(rows) > most:
-                raise Exhausted(f"{len(rows)} rows exceed the limit of {most} per request; send "
-                                f"them in several requests")
-            raise InvalidRequest("a continue request needs at least one hand-off row")
+        if len(rows) > most:  # an empty request is check_start's to refuse
+            raise Exhausted(f"{len(rows)} rows exceed the limit of {most} per request; send "
+                            f"them in several requests")
         # A copy: the caller may reuse its buffer while the work waits.
         hidden = torch.tensor(rows).to(device=self.device, dtype=self.dtype)
         if not torch.isfinite(hidden).all():
