@@ -1,7 +1,7 @@
 # Two entry points, both self-installing on a fresh machine:
 #   make demo   import SmolLM2-135M-Instruct with exits after layers 9 and 19, tune the exits with
 #               megatron-core (backbone frozen), export and calibrate the device members, then
-#               serve the cloud tier and generate with a device in every mode
+#               serve the cloud tier and generate with a device in every mode over a shaped link
 #   make test   the test suite
 # `make demo-scratch` trains the small from-scratch family instead (data -> tokenizer -> megatron-core).
 # The virtual environment lives in .venv and is reused until pyproject.toml changes; every step
@@ -60,8 +60,8 @@ $(SMOL)/family/members/%/calibration.json: $(SMOL)/family/members/1/device.int8.
 
 demo: $(SMOL)/family/members/0/calibration.json $(SMOL)/family/members/1/calibration.json
 	$(BIN)/flow info $(SMOL)/family
-	# Two tiers: `flow serve` (gRPC + a ZeroMQ engine worker) in a process, member 1 on the device
-	# (ONNX Runtime) in every mode; the cloud's tokens are marked.
+	# Two tiers: `flow serve` (gRPC + a ZeroMQ engine worker) in a process, a wifi-shaped link
+	# (flow link), member 1 on the device (ONNX Runtime) in every mode; the cloud's tokens are marked.
 	$(BIN)/python examples/two_tiers.py $(SMOL)/family --exit 1 --prompt "$(PROMPT)"
 
 # ---- the from-scratch demo: corpus -> tokenizer -> tokens -> family -> members -> generation ----
