@@ -25,7 +25,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         description="Generate a continuation of --prompt with member --exit of FAMILY on ONNX "
                     "Runtime. Modes: local (member only), exit (escalate tokens the member is not "
                     "sure of), speculative (the next tier verifies runs of drafts; output = the "
-                    "full model's greedy output), cloud (the next tier generates from token ids). "
+                    "full model's greedy output), cloud (the next tier generates from token ids), "
+                    "auto (per request, speculative or cloud, whichever was measured faster). "
                     "On a terminal, tokens settled by the next tier are bold blue and tokens "
                     "settled offline yellow; a summary line follows.")
     generate.add_argument("family", type=Path, help="family directory (with members/<K>/device.onnx)")
