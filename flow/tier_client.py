@@ -49,7 +49,13 @@ class GrpcTier:
                               ("grpc.max_send_message_length", 64 << 20),
                               ("grpc.keepalive_time_ms", 20_000),
                               ("grpc.keepalive_timeout_ms", 10_000),
-                              ("grpc.keepalive_permit_without_calls", 1)]
+                              ("grpc.keepalive_permit_without_calls", 1),
+                              # gRPC backs off reconnecting up to 120 s by default: a device whose
+                              # link came back would stay offline that long. It retries on its own
+                              # schedule (retry_interval), so the channel reconnects within 1 s.
+                              ("grpc.initial_reconnect_backoff_ms", 200),
+                              ("grpc.min_reconnect_backoff_ms", 200),
+                              ("grpc.max_reconnect_backoff_ms", 1_000)]
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(address, credentials, options=options)

@@ -15,13 +15,13 @@ def test_a_cut_link_costs_offline_tokens_and_every_tier_token_stays_exact(device
     prompt = [17, 3, 250, 9]
     with ServerThread(TierSpec(family_dir, 0, None, ServerConfig(port=0)), family) as address:
         host, port = address.rsplit(":", 1)
-        with LinkShaper((host, int(port)), PROFILES["lan"], cuts=[(1.0, 1.0)]) as link:
+        with LinkShaper((host, int(port)), PROFILES["lan"], cuts=[(1.0, 0.8)]) as link:
             client = DeviceClient(family_dir, exit=0, cloud=link.address, mode="exit",
                                   threshold=1.5, retry_interval=0.2)  # every token escalates
             steps = []
-            for step in client.generate(prompt, max_new_tokens=60, ignore_eos=True):
+            for step in client.generate(prompt, max_new_tokens=90, ignore_eos=True):
                 steps.append(step)
-                time.sleep(0.05)  # the reader's pace: 60 tokens span the cut
+                time.sleep(0.05)  # the reader's pace: 90 tokens outlast the cut by seconds
             ends = [c.end for c in link.connections]
     offline = [s.offline for s in steps]
     assert "cut" in ends or "refused" in ends, ends
