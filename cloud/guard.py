@@ -56,6 +56,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     def __init__(self, identities: Identities, protected: str,
                  on_refusal: Callable[[str, str], None] | None = None):
         self.identities, self.protected, self.on_refusal = identities, protected, on_refusal
+        self._parsing: dict[str, object] = {}  # per method: its parsing handler, built once
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -67,7 +68,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             if self.on_refusal is not None:
                 self.on_refusal(method, "UNAUTHENTICATED")
             return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-        return _parsing(handler, method, self.on_refusal)
+        if details.method not in self._parsing:  # a method's handler is the same on every call
+            self._parsing[details.method] = _parsing(handler, method, self.on_refusal)
+        return self._parsing[details.method]
 
 
 def _refusing(handler, code: grpc.StatusCode, message: str):
