@@ -40,12 +40,13 @@ def save_figure(figure, name: str) -> Path:
     return path
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, prompts: int, tokens: int = 32) -> None:
+def add_generation_arguments(parser: argparse.ArgumentParser, prompts: int, tokens: int = 32,
+                             exit: int = 1) -> None:
     """The options of a benchmark that generates on a family's member from held-out code prompts:
     --family, --exit, --corpus, --prompts, --tokens."""
     parser.add_argument("--family", type=Path, default=REPO / "runs/smollm2/family",
                         help="family directory with exported members (default: %(default)s)")
-    parser.add_argument("--exit", type=int, default=1, help="the devices' member (default 1)")
+    parser.add_argument("--exit", type=int, default=exit, help=f"the devices' member (default {exit})")
     parser.add_argument("--corpus", type=Path, default=REPO / "runs/demo/corpus",
                         help="corpus whose held-out split gives the prompts (default: %(default)s)")
     parser.add_argument("--prompts", type=int, default=prompts,

@@ -7,17 +7,23 @@ sits between it and a `DeviceClient` in this process, which generates from held-
 
 - `local` (the member alone), `cloud` (the whole model streamed from the tier), `exit` at the
   member's calibrated threshold (hand-off rows in fp32, and fp16, bf16 and int8: bytes against
-  agreement), `speculative` with 1, 2, 4 and 8 drafts and `adaptive` drafts, and `auto` (per
-  request, whichever lossless mode it measured faster).
+  agreement), `speculative` with 1, 2, 4 and 8 drafts and `adaptive` drafts (also with its draft
+  rows in fp16, bf16 and int8), and `auto` (per request, whichever lossless mode it measured
+  faster).
+
+And, without a link, the baselines a user would otherwise pick: the whole model streamed from
+the tier, the whole model in `transformers`' greedy `generate` on the same weights (in this
+process: the ceiling of any server of these weights on this machine), and each member alone for
+the whole request — one fixed exit per request, as the released Ruyi code serves a family.
 
 Each (profile, mode) gets a fresh client and one warm-up generation (not counted), then
 generates every prompt once. Agreement is the share of generated tokens equal to the full
 model's greedy tokens (`cloud` mode on an unshaped link) at the same position; the lossless
-modes must reach 1.0 up to near ties. Bytes are counted by the client and by the shaper. The
+modes must reach 1.0 up to near ties (a draft row in a lossy codec makes speculative lossy too). Bytes are counted by the client and by the shaper. The
 verdict on adaptive drafting: its tokens/s within 5 % of the best fixed draft length on every
 profile, and above every fixed length on at least one.
 
-    python bench/link_modes.py                                   # SmolLM2 family, ~15 min
+    python bench/link_modes.py                                   # SmolLM2 family, ~20 min
     python bench/link_modes.py --family runs/demo/family --exit 0 --profiles lan 4g --prompts 2
 
 Writes bench/results/link_modes.{json,png} (or --name).
@@ -33,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_generation_arguments, save_figure, write_json
+from common import add_generation_arguments, quiet, save_figure, write_json
 
 from device import DeviceClient
 from flow.data.corpus import code_prompts
@@ -43,8 +49,8 @@ FIXED_DRAFTS = (1, 2, 4, 8)
 # hand-off codecs besides fp32, on exit mode: bytes per token against agreement
 CODECS = ("fp16", "bf16", "int8")
 VARIANTS = ["local", "cloud", "exit", *[f"exit@{codec}" for codec in CODECS],
-            *[f"speculative-{k}" for k in FIXED_DRAFTS], "speculative-adaptive", "auto"]
-LOSSLESS = {"cloud", "auto", *[v for v in VARIANTS if v.startswith("speculative")]}
+            *[f"speculative-{k}" for k in FIXED_DRAFTS], "speculative-adaptive",
+            *[f"speculative-adaptive@{codec}" for codec in CODECS], "auto"]
 
 
 def start_tier(family: Path, exit: int) -> tuple[subprocess.Popen, str]:
@@ -96,6 +102,62 @@ def measure(variant: str, family: Path, exit: int, address: str, prompts: list[s
                    for a, b in zip(r.tokens, ref, strict=False))
         result["agreement"] = same / produced
     return result
+
+
+def transformers_baseline(family_dir: Path, prompts: list[str], tokens: int,
+                          reference: list[list[int]]) -> dict:
+    """The whole model in `transformers`' greedy generate on the family's weights, no link."""
+    import tempfile
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from flow.family import Family
+
+    transformers.utils.logging.disable_progress_bar()
+    family = Family.load(family_dir)
+    with tempfile.TemporaryDirectory() as tmp, quiet("transformers", "torch"):
+        hf_dir = family.export_hf(Path(tmp) / "hf", exit=family.config.last_exit)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
+    del family
+    tokenizer = Tokenizer.from_file(str(family_dir / "tokenizer.json"))
+
+    def generate(prompt: str, new: int) -> tuple[list[int], float]:
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        began = time.perf_counter()
+        with torch.no_grad(), quiet("transformers", "torch"):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - began
+
+    generate(prompts[0], 8)  # warm-up
+    first = [generate(prompt, 1)[1] for prompt in prompts]
+    runs = [generate(prompt, tokens) for prompt in prompts]
+    produced = sum(len(out) for out, _ in runs)
+    same = sum(a == b for (out, _), ref in zip(runs, reference, strict=True)
+               for a, b in zip(out, ref, strict=False))
+    return {"tokens": produced, "tokens_per_s": produced / sum(s for _, s in runs),
+            "first_token_ms": 1000 * statistics.median(first), "agreement": same / produced,
+            "torch_threads": torch.get_num_threads()}
+
+
+def baselines(args, address: str, prompts: list[str], reference_row: dict) -> dict:
+    """What a user has without familial-flow's collaboration, measured without a link."""
+    reference = reference_row["outputs"]
+    rows = {"cloud mode, whole model": {**reference_row, "agreement": 1.0},
+            "transformers generate, whole model": transformers_baseline(
+                args.family, prompts, args.tokens, reference)}
+    members = sorted(int(d.name) for d in (args.family / "members").iterdir()
+                     if (d / "device.onnx").is_file())
+    for member in members:  # one fixed exit for the whole request
+        rows[f"member {member} alone"] = measure("local", args.family, member, address, prompts,
+                                                 args.tokens, reference)
+    for name, row in rows.items():
+        print(f"no link {name:>34s}: {row['tokens_per_s']:6.1f} tok/s, first "
+              f"{row['first_token_ms']:7.1f} ms, agreement {row['agreement']:.1%}", flush=True)
+    return rows
 
 
 def adaptive_verdict(results: dict) -> dict:
@@ -153,8 +215,9 @@ def main() -> None:
     tier, address = start_tier(args.family, args.exit)
     began = time.time()
     try:
-        reference = measure("cloud", args.family, args.exit, address, prompts, args.tokens,
-                            None)["outputs"]
+        reference_row = measure("cloud", args.family, args.exit, address, prompts, args.tokens, None)
+        reference = reference_row["outputs"]
+        without_link = baselines(args, address, prompts, reference_row)
         results = {}
         for profile in args.profiles:
             results[profile] = {}
@@ -165,7 +228,7 @@ def main() -> None:
                                   args.tokens, reference)
                     row["shaper_bytes_up"], row["shaper_bytes_down"] = link.bytes_up, link.bytes_down
                 results[profile][variant] = row
-                print(f"{profile:>5s} {variant:>21s}: {row['tokens_per_s']:6.1f} tok/s, first "
+                print(f"{profile:>5s} {variant:>26s}: {row['tokens_per_s']:6.1f} tok/s, first "
                       f"{row['first_token_ms']:7.1f} ms, p99 gap {row['between_tokens_p99_ms']:7.1f}"
                       f" ms, {row['round_trips_per_token']:.2f} trips/token, device "
                       f"{row['device_share']:.0%}, agreement {row['agreement']:.1%}", flush=True)
@@ -177,7 +240,8 @@ def main() -> None:
             "family": str(args.family), "exit": args.exit, "prompts": prompts,
             "tokens_per_prompt": args.tokens, "profiles": {p: PROFILES[p].__dict__ for p in
                                                             args.profiles},
-            "seconds": time.time() - began, "results": results, "adaptive": verdict}
+            "seconds": time.time() - began, "results": results, "baselines": without_link,
+            "adaptive": verdict}
     print(f"wrote {write_json(args.name, data)} and {plot(results, args.name)}")
     print("adaptive vs best fixed draft:", {p: round(v["adaptive_over_best_fixed"], 3)
                                             for p, v in verdict.items() if isinstance(v, dict)})

@@ -9,10 +9,12 @@ time between tokens, and agreement with the full model. The figure speculative m
 is the ratio of cloud seconds per token, speculative against cloud.
 
 On a small machine the devices and the cloud share the cores: device counts beyond the cores
-measure contention as much as the cloud; the JSON records the machine.
+measure contention as much as the cloud; the JSON records the machine. The devices run member 0
+by default: 32 processes of SmolLM2's member 1 would need 19 GB of memory on one machine, member
+0 about 14 GB.
 
-    python bench/many_devices.py                                  # SmolLM2 family, 1 4 8 devices
-    python bench/many_devices.py --family runs/demo/family --exit 0 --devices 1 8 32
+    python bench/many_devices.py                                  # SmolLM2 family, 1 8 32 devices
+    python bench/many_devices.py --family runs/demo/family --devices 1 8
 
 Writes bench/results/many_devices.{json,png} (or --name).
 """
@@ -59,9 +61,9 @@ def plot(rows: dict, name: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_generation_arguments(parser, prompts=2)
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 4, 8],
-                        help="device counts (default 1 4 8)")
+    add_generation_arguments(parser, prompts=2, exit=0)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 8, 32],
+                        help="device counts (default 1 8 32)")
     parser.add_argument("--profile", choices=list(PROFILES), default="4g",
                         help="every device's link (default 4g)")
     parser.add_argument("--name", default="many_devices", help="results name (default %(default)s)")

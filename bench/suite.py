@@ -2,12 +2,15 @@
 
 Each entry is a benchmark script with the arguments the README quotes and the files it needs
 (what `make demo` builds; `make demo-scratch` the from-scratch family; the distilled family is
-prepared by hand, see bench/exit_distillation.py). `flow bench all` runs every entry whose inputs exist, in this order,
-each as its own process, and writes bench/results/suite.json: per entry the command, seconds,
-exit status, or why it was skipped.
+prepared by hand, see bench/exit_distillation.py). `flow bench all` runs every entry whose inputs
+exist, in this order, each as its own process, except the long ones (an hour or more of training:
+run them by name, or add `--long`), and writes bench/results/suite.json: per entry the command,
+seconds, exit status, or why it was skipped. Then bench/report.py makes the results report of the
+run (bench/results/REPORT.md) and puts it into README.md.
 
     flow bench list
     flow bench all
+    flow bench all --long
     flow bench link_modes many_devices
 """
 
@@ -30,6 +33,8 @@ class Entry:
     what: str
     argv: tuple[str, ...]  # the script (under bench/) and its arguments
     needs: tuple[str, ...] = ()  # paths (relative to the checkout) that must exist
+    builder: str = "`make demo` builds them"  # how the needed paths are made
+    long: bool = False  # an hour or more: `all` runs it only with --long
 
 
 SUITE = (
@@ -50,7 +55,7 @@ SUITE = (
           ("cloud_throughput.py",)),
     Entry("link_modes", "every device mode over shaped links",
           ("link_modes.py",), (f"{SMOL}/family/members/1", "runs/demo/corpus")),
-    Entry("many_devices", "1, 4 and 8 devices against one cloud",
+    Entry("many_devices", "1, 8 and 32 devices against one cloud",
           ("many_devices.py",), (f"{SMOL}/family/members/1", "runs/demo/corpus")),
     Entry("soak", "floods, churn, kills and freezes for a bounded time", ("soak.py",)),
     Entry("family_vs_separate", "one family against separately trained models of the same depth",
@@ -61,23 +66,30 @@ SUITE = (
           ("runs/demo/corpus",)),
     Entry("int8_cost", "what int8 costs a device member (the from-scratch family)",
           ("int8_cost.py", "--family", "runs/demo/family", "--data", "runs/demo/corpus"),
-          ("runs/demo/family/members/0",)),
-    Entry("exit_distillation", "CE against self-distillation for the exits (hours)",
-          ("exit_distillation.py",), ("runs/smollm2-distilled/family",)),
+          ("runs/demo/family/members/0",), builder="`make demo-scratch` builds it"),
+    Entry("exit_distillation", "CE against self-distillation for the exits (trains 4 families)",
+          ("exit_distillation.py",), ("runs/smollm2-distilled/family",),
+          builder="the preparation commands in configs/smollm2.yaml make it", long=True),
 )
 
 
-def run(names: list[str], progress=print) -> list[dict]:
-    """Run the entries named (all: every one) in suite order; their outcomes."""
+def run(names: list[str], long: bool = False, progress=print) -> list[dict]:
+    """Run the entries named (all: every one, the long ones only with `long`) in suite order;
+    their outcomes."""
     chosen = [e for e in SUITE if "all" in names or e.name in names]
     outcomes = []
     for index, entry in enumerate(chosen, 1):
         command = [sys.executable, str(REPO / "bench" / entry.argv[0]), *entry.argv[1:]]
         shown = "python bench/" + shlex.join(entry.argv)
+        if entry.long and not long and entry.name not in names:
+            progress(f"[{index}/{len(chosen)}] {entry.name}: skipped, an hour or more "
+                     f"(`flow bench {entry.name}` or `flow bench all --long` runs it)")
+            outcomes.append({"name": entry.name, "command": shown, "skipped": ["long: --long"]})
+            continue
         missing = [p for p in entry.needs if not (REPO / p).exists()]
         if missing:
             progress(f"[{index}/{len(chosen)}] {entry.name}: skipped, needs {', '.join(missing)} "
-                     f"(`make demo` builds them)")
+                     f"({entry.builder})")
             outcomes.append({"name": entry.name, "command": shown, "skipped": missing})
             continue
         progress(f"[{index}/{len(chosen)}] {entry.name}: {shown}")
@@ -95,19 +107,29 @@ def write_outcomes(outcomes: list[dict]) -> Path:
     return write_json("suite", {"entries": outcomes})
 
 
+def report() -> int:
+    """bench/report.py over the results: REPORT.md, and the README's results section."""
+    return subprocess.run([sys.executable, str(REPO / "bench" / "report.py"), "--readme"],
+                          cwd=REPO).returncode
+
+
 def main(argv: list[str]) -> int:
+    long = "--long" in argv
+    argv = [a for a in argv if a != "--long"]
     if not argv or argv == ["list"]:
         for entry in SUITE:
-            print(f"{entry.name:24s} {entry.what}\n{'':24s} python bench/{shlex.join(entry.argv)}")
+            what = entry.what + (" [long: --long]" if entry.long else "")
+            print(f"{entry.name:24s} {what}\n{'':24s} python bench/{shlex.join(entry.argv)}")
         return 0
     unknown = set(argv) - {e.name for e in SUITE} - {"all"}
     if unknown:
         print(f"unknown benchmark(s) {', '.join(sorted(unknown))}; `flow bench list` lists them",
               file=sys.stderr)
         return 2
-    outcomes = run(argv)
+    outcomes = run(argv, long=long)
     print(f"wrote {write_outcomes(outcomes)}")
-    return 0 if all(o.get("returncode", 0) == 0 for o in outcomes) else 1
+    reported = report() if "all" in argv else 0
+    return 0 if reported == 0 and all(o.get("returncode", 0) == 0 for o in outcomes) else 1
 
 
 if __name__ == "__main__":
