@@ -5,7 +5,7 @@ torch), measures the installed size per distribution, then runs `DeviceClient(..
 a family's member inside it with torch absent. Needs the package index (or a pip cache) for the
 install; nothing at run time.
 
-    python bench/device_install_size.py --family runs/demo/family
+    python bench/device_install_size.py --family runs/smollm2/family
 """
 
 from __future__ import annotations
