@@ -54,8 +54,11 @@ class GrpcTier:
                               # link came back would stay offline that long. It retries on its own
                               # schedule (retry_interval), so the channel reconnects within 1 s.
                               ("grpc.initial_reconnect_backoff_ms", 200),
-                              ("grpc.min_reconnect_backoff_ms", 200),
-                              ("grpc.max_reconnect_backoff_ms", 1_000)]
+                              ("grpc.max_reconnect_backoff_ms", 1_000),
+                              # ...but each attempt may take its time: gRPC reads its minimum
+                              # connect timeout from this option, and a slow link needs more than
+                              # a second to set up TCP and HTTP/2 (20 s is gRPC's default).
+                              ("grpc.min_reconnect_backoff_ms", 20_000)]
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(address, credentials, options=options)
