@@ -17,11 +17,12 @@ request per row, the next sent only after the answer (the exit-mode pattern of a
    the same positions in both modes. Decode tokens/s = rows answered per second of decode steps;
    catch-up rows/s likewise. Per-request latency counts from the moment all C requests of a step
    are due to each one's answer (one at a time, the last waits for the C - 1 before it).
-2. gRPC, through `cloud.service.ServerThread` in a child process (so that the C client threads
-   of this process do not share a GIL with the server), for C in --grpc-concurrency: C client
-   threads, each with its own `GrpcTier` channel and session, catch up and then run --grpc-steps
-   decode calls per round; tokens/s from each round's wall time, p50/p99 per-call latency as the
-   clients see it. Servers: the engine in the server process (`workers=0`), engine worker
+2. gRPC, through `cloud.service.ServerThread` in a child process, for C in --grpc-concurrency:
+   C clients, each a process of its own as devices are (--clients-in threads: threads of this
+   process, sharing its GIL), each with its own `GrpcTier` channel and session, catch up and then
+   run --grpc-steps decode calls per round; tokens/s from each round's wall time, p50/p99
+   per-call latency as the clients see it, and gRPC / engine: the share of the batched engine's
+   own tokens/s (part 1, same C) that reaches the clients. Servers: the engine in the server process (`workers=0`), engine worker
    processes (`--grpc-workers`, each with threads / workers torch threads), and the in-process
    engine limited to one row per step (`max_batch_rows=1`: one request at a time, the baseline;
    up to --grpc-baseline-max clients, since it is slow by design).
@@ -31,6 +32,9 @@ request per row, the next sent only after the answer (the exit-mode pattern of a
    exported with `Family.export_hf`; batch 1 and batch --gen-batch (concurrent generations on the
    engine, one batched generate call for transformers). Tokens/s = new tokens / wall time of the
    call, prompt included; same torch thread count everywhere.
+
+Where an engine step's time goes: the batched decode phase's seconds per stage (schedule, inputs,
+blocks, head, answers; `Engine.stats()["stage_seconds"]`) at each C.
 
     python bench/cloud_throughput.py              # default sizes, about 4-6 minutes on 2 cores
     python bench/cloud_throughput.py --quick      # tiny family, under a minute: checks the script
@@ -42,26 +46,20 @@ Writes bench/results/cloud_throughput.{json,png}.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import common
 import numpy as np
 from common import REPO, RESULTS, save_figure, write_json
+from throughput_engine import engine_level, engine_reference_tokens
+from throughput_generation import generation
+from throughput_grpc import grpc_level, serve_child, server_process
 
 NAME = "cloud_throughput"
-OWNER = "bench"
-READY = "cloud_throughput server listening on "
 TARGET_RATIO, TARGET_AT = 4.0, 32  # the issue: batched >= 4x one at a time at 32 sessions
 # --quick replaces these defaults (explicit flags still win).
 QUICK = dict(preset="tiny", concurrency=[1, 4, 32], grpc_concurrency=[1, 4], prompt=8, steps=4,
@@ -83,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grpc-workers", type=int, nargs="+", default=[0, 2],
                         help="server variants: 0 = engine in the server process, N = N worker "
                              "processes (default: %(default)s)")
+    parser.add_argument("--clients-in", choices=["processes", "threads"], default="processes",
+                        help="gRPC clients each in a process of their own (as devices are), or as "
+                             "threads of this process sharing its GIL (default: %(default)s)")
     parser.add_argument("--grpc-baseline-max", type=int, default=32,
                         help="the gRPC one-at-a-time server (max_batch_rows=1) runs the client counts "
                              "up to this (0 = skip it); it is the slowest part (default: %(default)s)")
@@ -121,318 +122,6 @@ def versions() -> dict:
             "grpcio": grpc.__version__, "numpy": np.__version__}
 
 
-def quiet():
-    """Silence transformers' and torch's warnings (generation flags, deprecations)."""
-    return common.quiet("transformers", "torch")
-
-
-def latency_summary(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "max_ms": float(ms.max()), "calls": int(ms.size)}
-
-
-# ---- 1. the engine, no network --------------------------------------------------------------
-
-
-def engine_round(engine, sessions: list[str], rows: np.ndarray, prompt: int, steps: int,
-                 batched: bool) -> dict:
-    """One catch-up and `steps` decode steps of every session, from position 0, in one mode."""
-    def serve(requests: list[tuple[str, int, np.ndarray]]) -> tuple[float, list[float], list]:
-        """Answer `requests` (all due now); wall seconds, each one's latency, each one's tokens."""
-        done_at: dict[int, float] = {}
-        works = []
-        due = time.perf_counter()
-        for index, (session, start, chunk) in enumerate(requests):
-            works.append(engine.submit_continue(
-                session, OWNER, start, chunk, rollback=True,
-                on_done=lambda work, index=index: done_at.__setitem__(index, time.perf_counter())))
-            if not batched:
-                while not works[-1].done:
-                    engine.step()
-        while engine.has_work():
-            engine.step()
-        wall = time.perf_counter() - due
-        for work in works:
-            if work.error is not None:
-                raise work.error
-        return wall, [done_at[i] - due for i in range(len(works))], [w.result.tokens for w in works]
-
-    steps_before = engine.stats()["steps"]
-    catch_up, _, _ = serve([(s, 0, rows[i, :prompt]) for i, s in enumerate(sessions)])
-    decode, latencies, tokens = 0.0, [], [[] for _ in sessions]
-    decode_steps = engine.stats()["steps"]
-    for n in range(steps):
-        wall, lat, answers = serve([(s, prompt + n, rows[i, prompt + n:prompt + n + 1])
-                                    for i, s in enumerate(sessions)])
-        decode += wall
-        latencies += lat
-        for mine, answer in zip(tokens, answers, strict=True):
-            mine += answer
-    stats = engine.stats()
-    return {"catch_up_s": catch_up, "decode_s": decode, "latencies": latencies, "tokens": tokens,
-            "catch_up_engine_steps": decode_steps - steps_before,
-            "decode_engine_steps": stats["steps"] - decode_steps}
-
-
-def context(args) -> int:
-    """Positions a session of this benchmark holds at most: the KV pool is sized to it (a
-    family's whole context in every slot would be gigabytes for a pretrained model)."""
-    return max(args.prompt + max(args.steps, args.grpc_steps), args.gen_prompt + args.gen_tokens)
-
-
-def engine_level(family, rows: np.ndarray, args) -> list[dict]:
-    from cloud.engine import Engine, EngineLimits
-
-    most = max(args.concurrency)
-    engine = Engine(family, limits=EngineLimits(max_sessions=most, max_rows_per_request=args.prompt,
-                                                max_batch_rows=max(2048, most * args.prompt),
-                                                max_context=context(args)))
-    results = []
-    for sessions_count in args.concurrency:
-        sessions = [engine.open_session(OWNER, 0)[0] for _ in range(sessions_count)]
-        warm = min(2, args.steps)
-        for batched in (True, False):  # warm-up: first calls of new shapes are slow
-            engine_round(engine, sessions, rows, args.prompt, warm, batched)
-        runs = {"batched": [], "one_at_a_time": []}
-        for index in range(args.rounds):
-            order = list(runs)[index % 2:] + list(runs)[:index % 2]
-            for mode in order:
-                time.sleep(0.02)
-                runs[mode].append(engine_round(engine, sessions, rows, args.prompt, args.steps,
-                                               mode == "batched"))
-        for session in sessions:
-            engine.close(session, OWNER)
-        results.append(summarise_engine(sessions_count, runs, args))
-        row = results[-1]
-        print(f"   C={sessions_count:>3}: batched {row['batched']['decode_tokens_per_s']:8.0f} tok/s, "
-              f"one at a time {row['one_at_a_time']['decode_tokens_per_s']:7.0f} tok/s, "
-              f"ratio {row['decode_ratio']:.1f}", flush=True)
-    return results
-
-
-def summarise_engine(sessions_count: int, runs: dict, args) -> dict:
-    decoded, caught_up = sessions_count * args.steps, sessions_count * args.prompt
-    row: dict = {"sessions": sessions_count}
-    for mode, rounds in runs.items():
-        tokens_per_s = [decoded / r["decode_s"] for r in rounds]
-        rows_per_s = [caught_up / r["catch_up_s"] for r in rounds]
-        row[mode] = {
-            "decode_tokens_per_s": statistics.median(tokens_per_s), "decode_tokens_per_s_rounds": tokens_per_s,
-            "catch_up_rows_per_s": statistics.median(rows_per_s), "catch_up_rows_per_s_rounds": rows_per_s,
-            "decode_engine_steps_per_round": rounds[0]["decode_engine_steps"],
-            "catch_up_engine_steps_per_round": rounds[0]["catch_up_engine_steps"],
-            "latency": latency_summary([x for r in rounds for x in r["latencies"]]),
-        }
-    pairs = list(zip(runs["batched"], runs["one_at_a_time"], strict=True))
-    row["decode_ratio_rounds"] = [b_tok / o_tok for b_tok, o_tok in (
-        (decoded / b["decode_s"], decoded / o["decode_s"]) for b, o in pairs)]
-    row["decode_ratio"] = statistics.median(row["decode_ratio_rounds"])
-    row["catch_up_ratio"] = statistics.median(o["catch_up_s"] / b["catch_up_s"] for b, o in pairs)
-    # The same greedy tokens either way (up to the float noise of batching: near ties aside).
-    same = [a == b for b, o in pairs for ta, tb in zip(b["tokens"], o["tokens"], strict=True)
-            for a, b in zip(ta, tb, strict=True)]
-    row["token_agreement_batched_vs_one"] = sum(same) / len(same)
-    return row
-
-
-# ---- 2. the gRPC service --------------------------------------------------------------------
-
-
-def serve_child(spec_json: str) -> None:
-    """Run as the server process: a ServerThread until the parent closes our stdin."""
-    spec = json.loads(spec_json)
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from cloud.engine import EngineLimits
-    from cloud.server import ServerConfig
-    from cloud.service import ServerThread, TierSpec
-    from flow.family import Family
-
-    family_dir = Path(spec["family_dir"])
-    limits = EngineLimits(max_sessions=spec["max_sessions"], max_rows_per_request=spec["max_rows"],
-                          max_batch_rows=spec["max_batch_rows"], max_context=spec["max_context"])
-    server = ServerThread(TierSpec(family_dir, 0, limits, ServerConfig(port=0), workers=spec["workers"]),
-                          Family.load(family_dir))
-    address = server.start()
-    print(READY + address, flush=True)
-    sys.stdin.read()  # until the parent is done with us
-    server.stop()
-
-
-@contextlib.contextmanager
-def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, max_sessions: int):
-    """A tier server in a child process; yields its address."""
-    spec = dict(family_dir=str(family_dir), threads=args.threads, workers=workers,
-                max_sessions=max_sessions, max_rows=max(args.prompt, args.gen_prompt),
-                max_batch_rows=max_batch_rows, max_context=context(args))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if workers:  # the workers inherit it: threads / workers torch threads each, not threads each
-        env["OMP_NUM_THREADS"] = str(max(1, args.threads // workers))
-    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-spec", json.dumps(spec)],
-                             cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        address = None
-        for line in child.stdout:
-            if line.startswith(READY):
-                address = line[len(READY):].strip()
-                break
-        if address is None:
-            raise RuntimeError(f"the server process exited ({child.wait()}) before listening")
-        yield address
-    finally:
-        child.stdin.close()
-        try:
-            child.wait(60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
-def grpc_run(address: str, family_hash: str, rows: np.ndarray, clients: int, args) -> dict:
-    """`clients` threads, each its own channel and session: catch up, then rounds of decode calls."""
-    from flow.tier_client import GrpcTier
-
-    prompt, steps = args.prompt, args.grpc_steps
-    barrier = threading.Barrier(clients)
-    rounds = args.rounds + 1  # round 0 warms up
-    spans = [[(0.0, 0.0)] * clients for _ in range(rounds)]
-    catch_up = [(0.0, 0.0)] * clients
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    tokens: list[list[int]] = [[] for _ in range(clients)]
-
-    def client(i: int) -> None:
-        tier = GrpcTier(address, timeout=600.0)
-        try:
-            session = tier.open(family_hash, 0)
-            barrier.wait(600)
-            started = time.perf_counter()
-            session.continue_(0, rows[i, :prompt])
-            catch_up[i] = (started, time.perf_counter())
-            for r in range(rounds):
-                barrier.wait(600)
-                began = time.perf_counter()
-                for n in range(steps):
-                    sent = time.perf_counter()
-                    answer = session.continue_(prompt + n, rows[i, prompt + n:prompt + n + 1],
-                                               rollback=n == 0)
-                    if r:
-                        latencies[i].append(time.perf_counter() - sent)
-                    if r == rounds - 1:
-                        tokens[i] += answer.tokens
-                spans[r][i] = (began, time.perf_counter())
-            session.close()
-        except BaseException:
-            barrier.abort()  # the other clients stop waiting for this one
-            raise
-        finally:
-            tier.close()
-
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client, i) for i in range(clients)]:
-            future.result()
-    walls = [max(e for _, e in spans[r]) - min(s for s, _ in spans[r]) for r in range(1, rounds)]
-    per_round = [clients * steps / wall for wall in walls]
-    catch_wall = max(e for _, e in catch_up) - min(s for s, _ in catch_up)
-    return {"clients": clients, "tokens_per_s": statistics.median(per_round),
-            "tokens_per_s_rounds": per_round, "catch_up_rows_per_s": clients * prompt / catch_wall,
-            "latency": latency_summary([x for xs in latencies for x in xs]), "tokens": tokens}
-
-
-def grpc_level(address: str, family_hash: str, rows: np.ndarray, args, label: str,
-               concurrency: list[int]) -> list[dict]:
-    results = []
-    for clients in concurrency:
-        row = grpc_run(address, family_hash, rows, clients, args)
-        results.append(row)
-        print(f"   {label} C={clients:>3}: {row['tokens_per_s']:7.0f} tok/s, p50 {row['latency']['p50_ms']:6.1f} ms, "
-              f"p99 {row['latency']['p99_ms']:6.1f} ms", flush=True)
-    return results
-
-
-# ---- 3. generation: the engine against transformers -------------------------------------------
-
-
-def generation(family, family_dir: Path, work: Path, args) -> dict:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    from cloud.engine import Engine, EngineLimits
-    from flow.tier_client import GrpcTier
-
-    last = family.config.last_exit
-    transformers.utils.logging.disable_progress_bar()
-    with quiet():
-        hf_dir = family.export_hf(work / "hf", exit=last)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
-    rng = np.random.default_rng(args.seed + 1)
-    prompts = rng.integers(0, family.config.vocab_size, (args.gen_batch, args.gen_prompt)).tolist()
-    engine = Engine(family, limits=EngineLimits(max_sessions=args.gen_batch, max_rows_per_request=args.gen_prompt,
-                                                max_context=context(args)))
-    new = args.gen_tokens
-
-    def run_engine(batch: int) -> list[list[int]]:
-        works = [engine.submit_generate(OWNER, prompt, new) for prompt in prompts[:batch]]
-        while engine.has_work():
-            engine.step()
-        return [w.result for w in works]
-
-    def run_hf(batch: int) -> list[list[int]]:
-        ids = torch.tensor(prompts[:batch])
-        with torch.no_grad(), quiet():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
-        return out[:, args.gen_prompt:].tolist()
-
-    with server_process(family_dir, args, 0, 2048, args.gen_batch) as address:
-        tier = GrpcTier(address, timeout=600.0)
-        family_hash = family.family_hash()
-
-        def run_grpc(batch: int) -> list[list[int]]:
-            return [list(tier.generate(prompts[0], new, family_hash=family_hash))]
-
-        runners = {"engine_batch1": (run_engine, 1), "transformers_batch1": (run_hf, 1),
-                   "grpc_engine_batch1": (run_grpc, 1),
-                   f"engine_batch{args.gen_batch}": (run_engine, args.gen_batch),
-                   f"transformers_batch{args.gen_batch}": (run_hf, args.gen_batch)}
-        times: dict[str, list[float]] = {label: [] for label in runners}
-        outputs = {label: run(batch) for label, (run, batch) in runners.items()}  # warm-up
-        labels = list(runners)
-        for index in range(args.gen_rounds):
-            turn = index % len(labels)
-            for label in labels[turn:] + labels[:turn]:
-                run, batch = runners[label]
-                time.sleep(0.02)
-                started = time.perf_counter()
-                run(batch)
-                times[label].append(time.perf_counter() - started)
-        tier.close()
-    result = {"prompt_tokens": args.gen_prompt, "new_tokens": new, "batch": args.gen_batch,
-              "hf_member_dir_layers": family.config.member_num_layers(last), "runs": {}}
-    for label, (_, batch) in runners.items():
-        seconds = statistics.median(times[label])
-        result["runs"][label] = {"batch": batch, "median_s": seconds, "seconds_rounds": times[label],
-                                 "tokens_per_s": batch * new / seconds}
-
-    def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-        same = [x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
-        return sum(same) / len(same)
-
-    hf1 = outputs["transformers_batch1"]
-    result["token_agreement_vs_transformers"] = {
-        "engine_batch1": agreement(outputs["engine_batch1"], hf1),
-        "grpc_engine_batch1": agreement(outputs["grpc_engine_batch1"], hf1),
-        f"engine_batch{args.gen_batch}": agreement(outputs[f"engine_batch{args.gen_batch}"],
-                                                   outputs[f"transformers_batch{args.gen_batch}"])}
-    runs = result["runs"]
-    result["engine_over_transformers_batch1"] = (runs["engine_batch1"]["tokens_per_s"]
-                                                 / runs["transformers_batch1"]["tokens_per_s"])
-    result[f"engine_over_transformers_batch{args.gen_batch}"] = (
-        runs[f"engine_batch{args.gen_batch}"]["tokens_per_s"]
-        / runs[f"transformers_batch{args.gen_batch}"]["tokens_per_s"])
-    return result
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -449,6 +138,11 @@ def print_tables(engine_rows: list[dict], grpc: dict, gen: dict) -> None:
               f"{b['latency']['p50_ms']:>9.1f} / {b['latency']['p99_ms']:<7.1f} "
               f"{o['latency']['p50_ms']:>10.1f} / {o['latency']['p99_ms']:<7.1f} "
               f"{row['token_agreement_batched_vs_one']:>9.3f}")
+    print("\nengine, batched decode: share of step time by stage")
+    for row in engine_rows:
+        stages = row["batched"]["decode_stage_seconds"]
+        total = sum(stages.values()) or 1.0
+        print(f"  {row['sessions']:>3} " + "  ".join(f"{k} {v / total:5.1%}" for k, v in stages.items()))
     print("\ngRPC service: decode tokens/s and per-call latency p50 / p99 (ms), as the clients see it")
     labels = list(grpc)
     print(f"  {'C':>3} " + " ".join(f"{label:>28}" for label in labels))
@@ -461,6 +155,11 @@ def print_tables(engine_rows: list[dict], grpc: dict, gen: dict) -> None:
             cells.append("-" if r is None else f"{r['tokens_per_s']:>8.0f} {r['latency']['p50_ms']:>8.1f} / "
                                                f"{r['latency']['p99_ms']:<8.1f}")
         print(f"  {count:>3} " + " ".join(f"{c:>28}" for c in cells))
+    for label, data in grpc.items():
+        shares = [f"{r['over_engine_batched']:.0%} at {r['clients']}" for r in data["rows"]
+                  if "over_engine_batched" in r]
+        if shares:
+            print(f"  {label}: of the engine's batched tokens/s, gRPC delivers " + ", ".join(shares))
     print(f"\ngeneration, whole model, greedy: {gen['prompt_tokens']} prompt + {gen['new_tokens']} new tokens")
     agree = gen["token_agreement_vs_transformers"]
     for label, run in gen["runs"].items():
@@ -586,6 +285,13 @@ def main() -> None:
             same = [a == b for i, toks in enumerate(got) for a, b in zip(toks, reference[i], strict=True)]
             row["token_agreement_vs_engine"] = sum(same) / len(same)
 
+    # what reaches the clients of the engine's own batched tokens/s, at the same concurrency
+    engine_at = {r["sessions"]: r["batched"]["decode_tokens_per_s"] for r in engine_rows}
+    for data in grpc.values():
+        for row in data["rows"]:
+            if row["clients"] in engine_at:
+                row["over_engine_batched"] = row["tokens_per_s"] / engine_at[row["clients"]]
+
     print_tables(engine_rows, grpc, gen)
     at = next((r for r in engine_rows if r["sessions"] == TARGET_AT), None)
     verdict = None
@@ -617,9 +323,14 @@ def main() -> None:
             "engine_latency": "from the moment all of a step's requests are due to each one's answer",
             "decode_ratio": "batched / one-at-a-time decode tokens/s, median of per-round ratios (the "
                             "modes alternate round by round)",
-            "grpc": "server in a child process (ServerThread), C client threads in this process, each "
-                    "its own GrpcTier channel and session; round 0 is a warm-up; tokens/s = C * "
-                    "grpc_steps / round wall time; latency = each continue_ call as the client sees it",
+            "grpc": "server in a child process (ServerThread), C clients (clients_in: each a process "
+                    "of its own, or threads of this process), each its own GrpcTier channel and "
+                    "session; round 0 is a warm-up; tokens/s = C * grpc_steps / round wall time; "
+                    "latency = each continue_ call as the client sees it",
+            "over_engine_batched": "gRPC tokens/s / the engine's batched decode tokens/s at the same "
+                                   "concurrency (part 1, no network): the share the front end delivers",
+            "decode_stage_seconds": "seconds per engine stage over the batched decode phases of every "
+                                    "round (Engine.stats()['stage_seconds'])",
             "grpc_one_at_a_time": "the in-process engine with EngineLimits(max_batch_rows=1): one row per "
                                   "engine step",
             "token_agreement": "fraction of greedy tokens equal between the two ways (near ties of "
@@ -628,21 +339,13 @@ def main() -> None:
                           "rounds in which the runners take turns; transformers runs the family's last "
                           "member exported with Family.export_hf, loaded by AutoModelForCausalLM",
         },
+        "clients_in": args.clients_in,
         "engine": engine_rows, "grpc": grpc, "generation": gen,
         "wall_seconds": time.perf_counter() - started})
     save_figure(plot(engine_rows, grpc, gen, args), args.name)
     print(f"\nwrote {path} and {RESULTS / (args.name + '.png')} in {time.perf_counter() - started:.0f} s")
 
 
-def engine_reference_tokens(family, rows: np.ndarray, args) -> list[list[int]]:
-    """Each session's decode tokens from an engine serving it alone."""
-    from cloud.engine import Engine, EngineLimits
-
-    count = max(args.grpc_concurrency)
-    engine = Engine(family, limits=EngineLimits(max_sessions=count, max_rows_per_request=args.prompt,
-                                                max_context=context(args)))
-    sessions = [engine.open_session(OWNER, 0)[0] for _ in range(count)]
-    return engine_round(engine, sessions, rows, args.prompt, args.grpc_steps, batched=False)["tokens"]
 
 
 if __name__ == "__main__":

@@ -146,14 +146,17 @@ def transformers_baseline(family_dir: Path, prompts: list[str], tokens: int,
 def baselines(args, address: str, prompts: list[str], reference_row: dict) -> dict:
     """What a user has without familial-flow's collaboration, measured without a link."""
     reference = reference_row["outputs"]
-    rows = {"cloud mode, whole model": {**reference_row, "agreement": 1.0},
-            "transformers generate, whole model": transformers_baseline(
-                args.family, prompts, args.tokens, reference)}
+    rows = {"cloud mode, whole model": {**reference_row, "agreement": 1.0,
+                                        "what": "the tier streams the full model's tokens"},
+            "transformers generate, whole model": {
+                **transformers_baseline(args.family, prompts, args.tokens, reference),
+                "what": "greedy generate in this process, same weights"}}
     members = sorted(int(d.name) for d in (args.family / "members").iterdir()
                      if (d / "device.onnx").is_file())
     for member in members:  # one fixed exit for the whole request
-        rows[f"member {member} alone"] = measure("local", args.family, member, address, prompts,
-                                                 args.tokens, reference)
+        rows[f"member {member} alone"] = {
+            **measure("local", args.family, member, address, prompts, args.tokens, reference),
+            "what": f"one fixed exit (member {member}) for the whole request, on the device"}
     for name, row in rows.items():
         print(f"no link {name:>34s}: {row['tokens_per_s']:6.1f} tok/s, first "
               f"{row['first_token_ms']:7.1f} ms, agreement {row['agreement']:.1%}", flush=True)

@@ -3,8 +3,8 @@
 One registry per server (tests run several in one process). The front end counts requests by
 method and status code and their latency; whoever steps the engine (the engine thread, or a
 worker through its heartbeats) reports each step's rows and duration; the engine's own counters
-(sessions, free slots, queued work, KV bytes, evictions, expiries) are read from its latest
-`stats()` snapshot at scrape time.
+(sessions, free slots, queued work, KV bytes, evictions, expiries, seconds per step stage) are
+read from its latest `stats()` snapshot at scrape time.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ class _EngineCollector:
         for key, (name, help_text) in _COUNTERS.items():
             if key in self.snapshot:
                 yield CounterMetricFamily(name, help_text, value=self.snapshot[key])
+        if "stage_seconds" in self.snapshot:
+            stages = CounterMetricFamily("flow_engine_stage_seconds",
+                                         "seconds of engine steps, by stage", labels=["stage"])
+            for stage, seconds in self.snapshot["stage_seconds"].items():
+                stages.add_metric([stage], seconds)
+            yield stages
 
 
 class TierMetrics:

@@ -47,6 +47,7 @@ from cloud.engine.config import EngineConfig, EngineLimits
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.requests import Chunk, ContinueJob, GenerateJob, Session, Work
 from cloud.engine.scheduler import Scheduler, SingleRowsFirst
+from cloud.engine.stages import StageTimes
 from flow.confidence import DEFAULT_POLICY, ExitPolicy
 from flow.errors import ConfigError
 from flow.sampling import Sampler
@@ -103,6 +104,7 @@ class Engine:
         self.context = self.pool.context  # positions per session
         self._pending: dict[str, Session] = {}  # sessions with a job, in arrival order
         self._counts = dict(steps=0, rows=0)
+        self._stages = StageTimes(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self._last_batch: dict[str, Any] = dict(rows=0, chunks=[])
 
     @classmethod
@@ -213,10 +215,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> int:
         """Run one batch of everyone's pending work; returns the real rows processed."""
+        self._stages.start()
         chunks = self.scheduler.schedule(list(self._pending.values()), self.limits.max_batch_rows)
         groups: dict[tuple[int, bool], list[Chunk]] = {}
         for chunk in chunks:
             groups.setdefault((chunk.session.first_layer, chunk.session.generating), []).append(chunk)
+        self._stages.lap("schedule")
         for (first, generating), group in sorted(groups.items()):
             try:
                 self._run_group(first, generating, group)
@@ -241,7 +245,8 @@ class Engine:
             slots=pool["slots"], free_slots=pool["free_slots"], queued_work=len(self._pending),
             kv_bytes_in_use=pool["kv_bytes_in_use"], kv_bytes_total=pool["kv_bytes_total"],
             evictions=self.pool.evictions, expired=self.pool.expired, **self._counts,
-            last_batch_rows=self._last_batch["rows"], last_batch=dict(self._last_batch))
+            last_batch_rows=self._last_batch["rows"], last_batch=dict(self._last_batch),
+            stage_seconds=self._stages.snapshot())
 
     # ---- the batched forward ----------------------------------------------------------------
 
@@ -254,17 +259,21 @@ class Engine:
         mask = (torch.arange(span, device=self.device) <= positions[..., None])[:, None]
         cache = self.pool.cache(first, self.last_layer, self.last_exit, token_slots, row_slots, span)
         hidden = self._token_inputs(group, width) if generating else self._row_inputs(group, width)
+        self._stages.lap("inputs")
         out = self.model.run_blocks(hidden, first, self.last_layer, positions, cache, mask)
+        self._stages.lap("blocks")
         if self.pool.exit_block is not None:
             # an exit block attends over every row, so the whole batch goes through the branch
             full = self.model.run_exit(out, self.last_exit, positions, cache, mask).float()
             answers = [full[b, list(chunk.answer_rows)] for b, chunk in enumerate(group)]
         else:
             answers = self._answer_logits(out, group)
+        self._stages.lap("head")
         for b, (chunk, logits) in enumerate(zip(group, answers, strict=True)):
             if self.is_edge:  # the next tier continues from these rows
                 chunk.job.handoff.append(out[b, :chunk.length].float().cpu().numpy())
             self._advance(chunk, logits)
+        self._stages.lap("answers")
 
     def _positions(self, group: list[Chunk], width: int) -> tuple[Tensor, Tensor]:
         """Per-token positions and slots (B, width); padding repeats the row's last position and

@@ -490,11 +490,15 @@ class MultiprocessEngineClient:
         return ended
 
     async def stats(self) -> dict:
-        """The workers' engine counters summed, as of their last heartbeats, and the malformed
+        """The workers' engine counters (and per-stage seconds) summed, as of their last heartbeats, and the malformed
         messages dropped (`dropped_frames`, by the front end and the workers together)."""
         total: dict = {"workers": len(self.workers), "dropped_frames": self.dropped_frames}
         for worker in self.workers.values():
             for key, value in worker.stats.items():
                 if _is_number(value):
                     total[key] = total.get(key, 0) + value
+                elif isinstance(value, dict) and all(map(_is_number, value.values())):
+                    into = total.setdefault(key, {})  # e.g. stage_seconds, summed per stage
+                    for name, number in value.items():
+                        into[name] = into.get(name, 0) + number
         return total

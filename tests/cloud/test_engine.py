@@ -550,3 +550,38 @@ def test_an_edge_engine_answers_with_its_exit_and_hands_on_its_rows():
             prompt.append(answer.tokens[-1])
     with pytest.raises(InvalidRequest, match="not before it"):
         engine.open_session("a", 1)
+
+
+def test_stage_seconds_account_for_each_step_and_charge_the_stage_that_took_the_time(family,
+                                                                                     monkeypatch):
+    """Catches: a stage timer that misses part of a step, or charges a slow forward to the wrong
+    stage (the per-stage figures would then point at the wrong code)."""
+    import time
+
+    engine = Engine(family, limits=EngineLimits(max_sessions=4))
+    sessions = [engine.open_session("o", 1)[0] for _ in range(3)]
+    prompts = [prompt_of(6 + i, seed=300 + i) for i in range(3)]
+    works = [engine.submit_continue(s, "o", 0, rows(family, p, 1))
+             for s, p in zip(sessions, prompts, strict=True)]
+    works.append(engine.submit_generate("o", prompt_of(5, seed=310), 4))
+    run_blocks = engine.model.run_blocks
+
+    def slow_blocks(*args, **kwargs):
+        time.sleep(0.02)
+        return run_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "run_blocks", slow_blocks)
+    wall = forwards = 0
+    while engine.has_work():
+        began = time.perf_counter()
+        engine.step()
+        wall += time.perf_counter() - began
+        chunks = engine.stats()["last_batch"]["chunks"]
+        forwards += len({(c["first_block"], c["kind"]) for c in chunks})  # one per group
+    assert all(w.done and w.error is None for w in works)
+    stages = engine.stats()["stage_seconds"]
+    assert set(stages) == {"schedule", "inputs", "blocks", "head", "answers"}
+    assert 0.95 * wall <= sum(stages.values()) <= wall, (stages, wall)
+    slept = 0.02 * forwards
+    assert stages["blocks"] >= slept >= 0.04, stages  # every forward's sleep, in `blocks`
+    assert all(seconds < slept for stage, seconds in stages.items() if stage != "blocks"), stages

@@ -2,6 +2,7 @@
 clients: the engine in the server's process and in two worker processes (`workers`)."""
 
 import json
+import re
 import signal
 import subprocess
 
@@ -415,6 +416,8 @@ def test_metrics_count_requests_codes_rows_and_engine_state(device_family, worke
     assert 'flow_requests_total{code="INVALID_ARGUMENT",method="Continue"} 1.0' in text  # no tensor
     assert f"flow_rows_received_total {len(PROMPTS[0]) + 4}.0" in text, text
     assert "flow_engine_step_rows_count" in text and "flow_engine_kv_cache_allocated_bytes" in text
+    blocks = re.search(r'flow_engine_stage_seconds_total\{stage="blocks"\} (\S+)', text)
+    assert blocks and float(blocks.group(1)) > 0, text
     check_metric_names(text)
 
 
