@@ -181,13 +181,29 @@ def cloud_throughput(data: dict) -> list[str]:
         rows.append([f"gRPC, {name} (tokens/s)", *by_sessions(server, lambda r: rate(r["tokens_per_s"]))])
         rows.append([f"gRPC, {name}: p50 / p99 ms per call", *by_sessions(
             server, lambda r: f"{ms(r['latency']['p50_ms'])} / {ms(r['latency']['p99_ms'])}")])
+        if any("over_engine_batched" in r for r in server.values()):
+            rows.append([f"gRPC, {name} ÷ engine, batched", *by_sessions(
+                server, lambda r: percent(r.get("over_engine_batched")))])
     generation = data["generation"]
-    return [*table(["concurrent sessions", *map(str, sessions)], rows), "",
-            f"Whole-model generation ({generation['prompt_tokens']} prompt + "
-            f"{generation['new_tokens']} new tokens, greedy), tokens/s:", "",
-            *table(["runner", "batch", "tokens/s"],
-                   [[name, run["batch"], rate(run["tokens_per_s"])]
-                    for name, run in generation["runs"].items()])]
+    lines = [*table(["concurrent sessions", *map(str, sessions)], rows), ""]
+    if data.get("clients_in"):
+        lines += [f"gRPC clients: each in a {data['clients_in'][:-1]} of its own.", ""]
+    lines += [f"Whole-model generation ({generation['prompt_tokens']} prompt + "
+              f"{generation['new_tokens']} new tokens, greedy), tokens/s:", "",
+              *table(["runner", "batch", "tokens/s"],
+                     [[name, run["batch"], rate(run["tokens_per_s"])]
+                      for name, run in generation["runs"].items()])]
+    staged = [r for r in data["engine"] if "decode_stage_seconds" in r["batched"]]
+    if staged:
+        stages = list(staged[0]["batched"]["decode_stage_seconds"])
+
+        def shares(r: dict) -> list[str]:
+            seconds = r["batched"]["decode_stage_seconds"]
+            return [percent(seconds[k] / (sum(seconds.values()) or 1.0)) for k in stages]
+
+        lines += ["", "Where a batched decode step's time goes (share per engine stage):", "",
+                  *table(["sessions", *stages], [[r["sessions"], *shares(r)] for r in staged])]
+    return lines
 
 
 def link_modes(data: dict) -> list[str]:
@@ -305,6 +321,8 @@ def figures(name: str, data: dict | str, command: str | None) -> list[str]:
 
 
 def status(entry: dict) -> str:
+    if entry.get("skipped") == ["long: --long"]:
+        return "skipped: an hour or more (`flow bench all --long` runs it)"
     if "skipped" in entry:
         return "skipped: needs " + ", ".join(entry["skipped"])
     code = entry.get("returncode")
@@ -343,11 +361,16 @@ def render(results: Path, link_from: Path) -> str:
     if not benchmarks and suite is None:
         raise ReportError(f"no benchmark JSON under {results}; run `flow bench all` first")
     order = [e.name for e in SUITE]
+    ran = {e.get("name") for e in (suite or {}).get("entries", []) if e.get("returncode") == 0}
     lines = header(benchmarks, suite)
     for name in sorted(benchmarks, key=lambda n: (order.index(n) if n in order else len(order), n)):
         data = benchmarks[name]
         command = command_of(name, data, suite) if isinstance(data, dict) else None
         lines += ["", f"#### {name}", "", f"`{command}`" if command else "(command not recorded)", ""]
+        when = (data.get("machine") or {}).get("when") if isinstance(data, dict) else None
+        if suite is not None and name not in ran:
+            lines += [f"Not part of this `flow bench all` run: from an earlier run"
+                      f"{f' ({when})' if when else ''}.", ""]
         lines += figures(name, data, command)
         plot = results / f"{name}.png"
         if plot.exists():

@@ -109,6 +109,17 @@ def test_header_names_the_machine_the_dates_and_each_suite_entry(report, results
                                   "time": "–", "status": "skipped: needs runs/demo/family"}
 
 
+def test_a_result_the_suite_run_did_not_make_says_so(report, results):
+    """Catches: an older JSON (a skipped or failed entry's, or one outside the suite) passing for
+    a figure of the run the header describes."""
+    write(results / "soak.json", {"machine": {**MACHINE, "when": "2026-11-01 10:00:00"},
+                                  "cases": {}, "seconds": 1.0, "interrupted": False})
+    text = report.render(results, results)
+    assert "Not part of this `flow bench all` run: from an earlier run (2026-11-01 10:00:00)." in \
+        section(text, "soak")  # soak failed in this run: its JSON is older
+    assert "Not part of" not in section(text, "link_modes")  # ran
+
+
 def test_partial_unknown_and_broken_json_each_get_a_line_not_a_crash(report, results):
     """Catches: one older or foreign JSON killing the whole report."""
     write(results / "many_devices.json", {"machine": MACHINE, "profile": "4g", "tokens_per_prompt": 32,
