@@ -58,7 +58,7 @@ $(SMOL)/family/members/1/device.int8.onnx: $(SMOL)/family/weights.safetensors
 $(SMOL)/family/members/%/calibration.json: $(SMOL)/family/members/1/device.int8.onnx
 	$(BIN)/flow calibrate $(SMOL)/family --exit $* --data $(SMOL)/tokens --tokens 8192 --target 0.99
 
-demo: $(SMOL)/family/members/0/calibration.json $(SMOL)/family/members/1/calibration.json
+demo: $(SMOL)/family/members/0/calibration.json $(SMOL)/family/members/1/calibration.json $(RUN)/corpus/tokens.json
 	$(BIN)/flow info $(SMOL)/family
 	# Two tiers: `flow serve` (gRPC + a ZeroMQ engine worker) in a process, a wifi-shaped link
 	# (flow link), member 1 on the device (ONNX Runtime) in every mode; the cloud's tokens are marked.

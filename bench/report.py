@@ -369,7 +369,7 @@ def render(results: Path, link_from: Path) -> str:
         lines += ["", f"#### {name}", "", f"`{command}`" if command else "(command not recorded)", ""]
         when = (data.get("machine") or {}).get("when") if isinstance(data, dict) else None
         if suite is not None and name not in ran:
-            lines += [f"Not part of this `flow bench all` run: from an earlier run"
+            lines += [f"Not part of this `flow bench all` run: from a separate run"
                       f"{f' ({when})' if when else ''}.", ""]
         lines += figures(name, data, command)
         plot = results / f"{name}.png"

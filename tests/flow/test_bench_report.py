@@ -115,7 +115,7 @@ def test_a_result_the_suite_run_did_not_make_says_so(report, results):
     write(results / "soak.json", {"machine": {**MACHINE, "when": "2026-11-01 10:00:00"},
                                   "cases": {}, "seconds": 1.0, "interrupted": False})
     text = report.render(results, results)
-    assert "Not part of this `flow bench all` run: from an earlier run (2026-11-01 10:00:00)." in \
+    assert "Not part of this `flow bench all` run: from a separate run (2026-11-01 10:00:00)." in \
         section(text, "soak")  # soak failed in this run: its JSON is older
     assert "Not part of" not in section(text, "link_modes")  # ran
 
