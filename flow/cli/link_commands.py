@@ -101,7 +101,10 @@ def run_link(args: argparse.Namespace) -> None:
         print(f"flow link: listening on {shaper.address}, forwarding to "
               f"{format_address(*args.to)}; profile {profile.name}: {profile.describe()}{outages}",
               flush=True)
-        shaper.wait()
+        # Wake now and then: a signal that lands just before a blocking wait begins would
+        # otherwise not be handled (nor Ctrl-C answered) until the wait ended, that is never.
+        while not shaper.wait(0.5):
+            pass
         raise FlowError("the link shaper stopped unexpectedly (see the traceback above)")
     finally:
         shaper.close()
