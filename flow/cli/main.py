@@ -8,7 +8,9 @@ errors a user can act on into one clear line.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 
 from flow.cli import (
@@ -43,9 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _answer_interrupts() -> None:
+    """Ctrl-C (SIGINT) stops every command (exit status 130), even in a process started with
+    SIGINT ignored, as a non-interactive shell starts background jobs: `flow simulate`, `docker
+    stop` scripts and tests stop their `flow` children with SIGINT."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _answer_interrupts()
     try:
         return args.handler(args) or 0
     except FlowError as err:

@@ -322,13 +322,16 @@ def test_cli_rejects_an_unknown_profile_in_one_line(capsys):
 
 
 def test_cli_forwards_a_connection_and_stops_on_ctrl_c(tmp_path):
+    """Started with SIGINT ignored, as a shell starts background jobs (and CI ran this test once):
+    Ctrl-C must still stop it."""
     with tcp_server(echo) as port:
         process = subprocess.Popen(
             [sys.executable, "-m", "flow.cli.main", "link", "--listen", "127.0.0.1:0",
              "--to", f"127.0.0.1:{port}", "--profile", "wifi", "--loss", "0",
              "--stats", str(tmp_path / "stats.json")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         killer = threading.Timer(30, process.kill)  # never hang the suite on a stuck process
         killer.start()
         try:
