@@ -53,3 +53,33 @@ def add_generation_arguments(parser: argparse.ArgumentParser, prompts: int, toke
                         help=f"prompts per device (default {prompts})")
     parser.add_argument("--tokens", type=int, default=tokens,
                         help=f"tokens per prompt (default {tokens})")
+
+
+def transformers_model(family, directory: Path):
+    """The family's full model written by `Family.export_hf` under `directory` and loaded by
+    `transformers`' AutoModelForCausalLM: the independent generator the benchmarks compare with."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    with quiet("transformers", "torch"):
+        hf_dir = family.export_hf(Path(directory) / "hf", exit=family.config.last_exit)
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
+
+
+def transformers_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Exactly `new` greedy tokens after each prompt (all of one length), in one batched call."""
+    import torch
+
+    ids = torch.tensor(prompts)
+    with torch.no_grad(), quiet("transformers", "torch"):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
+    """Share of the generated tokens equal to the reference's token at the same position."""
+    same = sum(a == b for output, reference in zip(outputs, references, strict=True)
+               for a, b in zip(output, reference, strict=False))
+    return same / sum(len(output) for output in outputs)

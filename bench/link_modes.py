@@ -19,8 +19,8 @@ the whole request — one fixed exit per request, as the released Ruyi code serv
 Each (profile, mode) gets a fresh client and one warm-up generation (not counted), then
 generates every prompt once. Agreement is the share of generated tokens equal to the full
 model's greedy tokens (`cloud` mode on an unshaped link) at the same position; the lossless
-modes must reach 1.0 up to near ties (a draft row in a lossy codec makes speculative lossy too). Bytes are counted by the client and by the shaper. The
-verdict on adaptive drafting: its tokens/s within 5 % of the best fixed draft length on every
+modes must reach 1.0 up to near ties (a draft row in a lossy codec makes speculative lossy
+too). Bytes are counted by the client and by the shaper. The verdict on adaptive drafting: its tokens/s within 5 % of the best fixed draft length on every
 profile, and above every fixed length on at least one.
 
     python bench/link_modes.py                                   # SmolLM2 family, ~20 min
@@ -39,14 +39,21 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_generation_arguments, quiet, save_figure, write_json
+from common import (
+    add_generation_arguments,
+    save_figure,
+    token_agreement,
+    transformers_greedy,
+    transformers_model,
+    write_json,
+)
 
 from device import DeviceClient
 from flow.data.corpus import code_prompts
 from flow.link import PROFILES, LinkShaper
 
 FIXED_DRAFTS = (1, 2, 4, 8)
-# hand-off codecs besides fp32, on exit mode: bytes per token against agreement
+# hand-off codecs besides fp32, in exit and speculative mode: bytes per token against agreement
 CODECS = ("fp16", "bf16", "int8")
 VARIANTS = ["local", "cloud", "exit", *[f"exit@{codec}" for codec in CODECS],
             *[f"speculative-{k}" for k in FIXED_DRAFTS], "speculative-adaptive",
@@ -98,9 +105,7 @@ def measure(variant: str, family: Path, exit: int, address: str, prompts: list[s
         "outputs": [r.tokens for r in runs],
     }
     if reference is not None:
-        same = sum(a == b for r, ref in zip(runs, reference, strict=True)
-                   for a, b in zip(r.tokens, ref, strict=False))
-        result["agreement"] = same / produced
+        result["agreement"] = token_agreement([r.tokens for r in runs], reference)
     return result
 
 
@@ -110,37 +115,27 @@ def transformers_baseline(family_dir: Path, prompts: list[str], tokens: int,
     import tempfile
 
     import torch
-    import transformers
     from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
 
     from flow.family import Family
 
-    transformers.utils.logging.disable_progress_bar()
-    family = Family.load(family_dir)
-    with tempfile.TemporaryDirectory() as tmp, quiet("transformers", "torch"):
-        hf_dir = family.export_hf(Path(tmp) / "hf", exit=family.config.last_exit)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
-    del family
+    with tempfile.TemporaryDirectory() as tmp:
+        model = transformers_model(Family.load(family_dir), Path(tmp))
     tokenizer = Tokenizer.from_file(str(family_dir / "tokenizer.json"))
 
     def generate(prompt: str, new: int) -> tuple[list[int], float]:
-        ids = torch.tensor([tokenizer.encode(prompt).ids])
         began = time.perf_counter()
-        with torch.no_grad(), quiet("transformers", "torch"):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
-        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - began
+        out = transformers_greedy(model, [tokenizer.encode(prompt).ids], new)[0]
+        return out, time.perf_counter() - began
 
     generate(prompts[0], 8)  # warm-up
     first = [generate(prompt, 1)[1] for prompt in prompts]
     runs = [generate(prompt, tokens) for prompt in prompts]
-    produced = sum(len(out) for out, _ in runs)
-    same = sum(a == b for (out, _), ref in zip(runs, reference, strict=True)
-               for a, b in zip(out, ref, strict=False))
+    outputs = [out for out, _ in runs]
+    produced = sum(map(len, outputs))
     return {"tokens": produced, "tokens_per_s": produced / sum(s for _, s in runs),
-            "first_token_ms": 1000 * statistics.median(first), "agreement": same / produced,
-            "torch_threads": torch.get_num_threads()}
+            "first_token_ms": 1000 * statistics.median(first),
+            "agreement": token_agreement(outputs, reference), "torch_threads": torch.get_num_threads()}
 
 
 def baselines(args, address: str, prompts: list[str], reference_row: dict) -> dict:

@@ -186,8 +186,10 @@ def cloud_throughput(data: dict) -> list[str]:
                 server, lambda r: percent(r.get("over_engine_batched")))])
     generation = data["generation"]
     lines = [*table(["concurrent sessions", *map(str, sessions)], rows), ""]
-    if data.get("clients_in"):
-        lines += [f"gRPC clients: each in a {data['clients_in'][:-1]} of its own.", ""]
+    clients = {"processes": "each in a process of its own",
+               "threads": "threads of one process, sharing its GIL"}.get(data.get("clients_in"))
+    if clients:
+        lines += [f"gRPC clients: {clients}.", ""]
     lines += [f"Whole-model generation ({generation['prompt_tokens']} prompt + "
               f"{generation['new_tokens']} new tokens, greedy), tokens/s:", "",
               *table(["runner", "batch", "tokens/s"],

@@ -8,30 +8,18 @@ import statistics
 import time
 from pathlib import Path
 
-import common
 import numpy as np
+from common import token_agreement, transformers_greedy, transformers_model
 from throughput_engine import OWNER, context
 from throughput_grpc import server_process
 
 
-def quiet():
-    """Silence transformers' and torch's warnings (generation flags, deprecations)."""
-    return common.quiet("transformers", "torch")
-
-
 def generation(family, family_dir: Path, work: Path, args) -> dict:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     from cloud.engine import Engine, EngineLimits
     from flow.tier_client import GrpcTier
 
     last = family.config.last_exit
-    transformers.utils.logging.disable_progress_bar()
-    with quiet():
-        hf_dir = family.export_hf(work / "hf", exit=last)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=family.dtype).eval()
+    model = transformers_model(family, work)
     rng = np.random.default_rng(args.seed + 1)
     prompts = rng.integers(0, family.config.vocab_size, (args.gen_batch, args.gen_prompt)).tolist()
     engine = Engine(family, limits=EngineLimits(max_sessions=args.gen_batch, max_rows_per_request=args.gen_prompt,
@@ -45,11 +33,7 @@ def generation(family, family_dir: Path, work: Path, args) -> dict:
         return [w.result for w in works]
 
     def run_hf(batch: int) -> list[list[int]]:
-        ids = torch.tensor(prompts[:batch])
-        with torch.no_grad(), quiet():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
-        return out[:, args.gen_prompt:].tolist()
+        return transformers_greedy(model, prompts[:batch], new)
 
     with server_process(family_dir, args, 0, 2048, args.gen_batch) as address:
         tier = GrpcTier(address, timeout=600.0)
@@ -81,16 +65,12 @@ def generation(family, family_dir: Path, work: Path, args) -> dict:
         result["runs"][label] = {"batch": batch, "median_s": seconds, "seconds_rounds": times[label],
                                  "tokens_per_s": batch * new / seconds}
 
-    def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-        same = [x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
-        return sum(same) / len(same)
-
     hf1 = outputs["transformers_batch1"]
     result["token_agreement_vs_transformers"] = {
-        "engine_batch1": agreement(outputs["engine_batch1"], hf1),
-        "grpc_engine_batch1": agreement(outputs["grpc_engine_batch1"], hf1),
-        f"engine_batch{args.gen_batch}": agreement(outputs[f"engine_batch{args.gen_batch}"],
-                                                   outputs[f"transformers_batch{args.gen_batch}"])}
+        "engine_batch1": token_agreement(outputs["engine_batch1"], hf1),
+        "grpc_engine_batch1": token_agreement(outputs["grpc_engine_batch1"], hf1),
+        f"engine_batch{args.gen_batch}": token_agreement(
+            outputs[f"engine_batch{args.gen_batch}"], outputs[f"transformers_batch{args.gen_batch}"])}
     runs = result["runs"]
     result["engine_over_transformers_batch1"] = (runs["engine_batch1"]["tokens_per_s"]
                                                  / runs["transformers_batch1"]["tokens_per_s"])

@@ -145,8 +145,8 @@ def _in_processes(address: str, family_hash: str, rows: np.ndarray, clients: int
         for process in processes:
             process.start()
         try:
-            outcomes = dict((i, (mine, error)) for i, mine, error in
-                            (results.get(timeout=900) for _ in range(clients)))
+            outcomes = {i: (mine, error) for i, mine, error in
+                        (results.get(timeout=900) for _ in range(clients))}
         finally:
             for process in processes:
                 process.join(30)

@@ -490,8 +490,9 @@ class MultiprocessEngineClient:
         return ended
 
     async def stats(self) -> dict:
-        """The workers' engine counters (and per-stage seconds) summed, as of their last heartbeats, and the malformed
-        messages dropped (`dropped_frames`, by the front end and the workers together)."""
+        """The workers' engine counters (and per-stage seconds) summed, as of their last
+        heartbeats, and the malformed messages dropped (`dropped_frames`, by the front end and
+        the workers together)."""
         total: dict = {"workers": len(self.workers), "dropped_frames": self.dropped_frames}
         for worker in self.workers.values():
             for key, value in worker.stats.items():

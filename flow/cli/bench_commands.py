@@ -31,4 +31,5 @@ def run_bench(args: argparse.Namespace) -> int:
     if not SUITE.is_file():
         raise FlowError(f"no {SUITE}: `flow bench` runs from a source checkout of familial-flow "
                         f"(git clone, then `make test` sets it up)")
-    return subprocess.run([sys.executable, str(SUITE), *args.names, *(["--long"] if args.long else [])]).returncode
+    long = ["--long"] if args.long else []
+    return subprocess.run([sys.executable, str(SUITE), *args.names, *long]).returncode

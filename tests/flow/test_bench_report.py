@@ -177,3 +177,14 @@ def test_every_real_result_gets_a_subsection_with_its_figures(tmp_path):
         body = section(text, name)
         assert "could not read figures" not in body and "No formatter" not in body, (name, body)
         assert tables(body), name
+
+
+def test_cloud_throughput_says_how_its_clients_ran(report, tmp_path):
+    """Catches: the clients' setting shown mangled ("each in a processe of its own")."""
+    results = tmp_path / "results"
+    results.mkdir()
+    data = json.loads((BENCH / "results" / "cloud_throughput.json").read_text())
+    for clients_in, said in (("processes", "gRPC clients: each in a process of its own."),
+                             ("threads", "gRPC clients: threads of one process, sharing its GIL.")):
+        write(results / "cloud_throughput.json", {**data, "clients_in": clients_in})
+        assert said in section(report.render(results, results), "cloud_throughput")
