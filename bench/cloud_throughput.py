@@ -54,16 +54,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, RESULTS, save_figure, write_json
+from common import REPO, RESULTS, save_figure, transformers_model, write_json
+from throughput_arrivals import arrivals
 from throughput_engine import engine_level, engine_reference_tokens
 from throughput_generation import generation
-from throughput_grpc import grpc_level, serve_child, server_process
+from throughput_grpc import FRONT_END_ALONE, grpc_level, serve_child, server_process
 
 NAME = "cloud_throughput"
-TARGET_RATIO, TARGET_AT = 4.0, 32  # the issue: batched >= 4x one at a time at 32 sessions
+TARGET_RATIO, TARGET_AT = 4.0, 32  # the target: batched >= 4x one at a time at 32 sessions
 # --quick replaces these defaults (explicit flags still win).
 QUICK = dict(preset="tiny", concurrency=[1, 4, 32], grpc_concurrency=[1, 4], prompt=8, steps=4,
-             grpc_steps=4, rounds=2, gen_prompt=8, gen_tokens=8, gen_batch=4, gen_rounds=2)
+             grpc_steps=4, rounds=2, gen_prompt=8, gen_tokens=8, gen_batch=4, gen_rounds=2,
+             arrive_requests=8, arrive_rounds=1)
 
 
 # ---- arguments ------------------------------------------------------------------------------
@@ -97,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gen-batch", type=int, default=8, help="concurrent generations (default: %(default)s)")
     parser.add_argument("--gen-rounds", type=int, default=5,
                         help="timed generation rounds (after one warm-up) (default: %(default)s)")
+    parser.add_argument("--arrive-requests", type=int, default=32,
+                        help="serving level: requests of mixed lengths (default: %(default)s)")
+    parser.add_argument("--arrive-span", type=float, default=0.5,
+                        help="serving level: arrivals spread over this fraction of the engine's time to "
+                             "serve every request at once (default: %(default)s)")
+    parser.add_argument("--arrive-rounds", type=int, default=3,
+                        help="serving level: rounds per runner and schedule, median taken (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny family and few steps (< 60 s)")
     parser.add_argument("--name", default=NAME, help="results file name under bench/results (default: %(default)s)")
@@ -105,9 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
-    for name in ("threads", "prompt", "steps", "grpc_steps", "rounds", "gen_prompt", "gen_tokens", "gen_batch", "gen_rounds"):
+    for name in ("threads", "prompt", "steps", "grpc_steps", "rounds", "gen_prompt", "gen_tokens", "gen_batch", "gen_rounds",
+                 "arrive_requests", "arrive_rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.arrive_span < 0:
+        parser.error("--arrive-span must be >= 0 (0: every request due at once)")
     if min(args.concurrency + args.grpc_concurrency) < 1 or min(args.grpc_workers) < 0:
         parser.error("concurrencies must be >= 1 and worker counts >= 0")
     return args
@@ -159,7 +171,9 @@ def print_tables(engine_rows: list[dict], grpc: dict, gen: dict) -> None:
         shares = [f"{r['over_engine_batched']:.0%} at {r['clients']}" for r in data["rows"]
                   if "over_engine_batched" in r]
         if shares:
-            print(f"  {label}: of the engine's batched tokens/s, gRPC delivers " + ", ".join(shares))
+            what = ("calls/s without a model, as a share of the engine's batched tokens/s (the ceiling)"
+                    if data["no_engine"] else "of the engine's batched tokens/s, gRPC delivers")
+            print(f"  {label}: {what} " + ", ".join(shares))
     print(f"\ngeneration, whole model, greedy: {gen['prompt_tokens']} prompt + {gen['new_tokens']} new tokens")
     agree = gen["token_agreement_vs_transformers"]
     for label, run in gen["runs"].items():
@@ -241,8 +255,9 @@ def main() -> None:
     config = family.config
     most = max(args.concurrency + args.grpc_concurrency)
     length = args.prompt + max(args.steps, args.grpc_steps)
-    if length > config.max_seq_len or args.gen_prompt + args.gen_tokens > config.max_seq_len:
-        raise SystemExit(f"prompt + steps must fit the context of {config.max_seq_len}")
+    if length > config.max_seq_len or 2 * (args.gen_prompt + args.gen_tokens) > config.max_seq_len:
+        raise SystemExit(f"prompt + steps, and 2 * (gen prompt + gen tokens), must fit the context of "
+                         f"{config.max_seq_len}")
     ids = np.random.default_rng(args.seed).integers(0, config.vocab_size, (most, length))
     rows = family.handoff(ids, 0).numpy()  # (sessions, positions, hidden): each session's hand-off rows
     print(f"{args.label} family ({config.num_layers} layers, hidden {config.hidden_size}), sessions continue "
@@ -258,23 +273,30 @@ def main() -> None:
         print("\n== engine: batched vs one at a time", flush=True)
         engine_rows = engine_level(family, rows, args)
 
-        servers = [("in-process" if w == 0 else f"{w} workers", w, 2048, args.grpc_concurrency)
+        servers = [("in-process" if w == 0 else f"{w} workers", w, 2048, args.grpc_concurrency, False)
                    for w in args.grpc_workers]
         baseline = [c for c in args.grpc_concurrency if c <= args.grpc_baseline_max]
         if baseline:  # the in-process engine, one row per step
-            servers.append(("one at a time", 0, 1, baseline))
+            servers.append(("one at a time", 0, 1, baseline, False))
+        servers.append((FRONT_END_ALONE, 0, 2048, args.grpc_concurrency, True))
         grpc = {}
-        for label, workers, batch_rows, concurrency in servers:
+        for label, workers, batch_rows, concurrency, no_engine in servers:
             print(f"\n== gRPC: {label}", flush=True)
             opened = time.perf_counter()
-            with server_process(family_dir, args, workers, batch_rows, max(args.grpc_concurrency)) as address:
+            with server_process(family_dir, args, workers, batch_rows, max(args.grpc_concurrency),
+                                no_engine) as address:
                 ready = time.perf_counter() - opened
                 grpc[label] = {"workers": workers, "max_batch_rows": batch_rows, "server_start_s": ready,
                                "worker_torch_threads": max(1, args.threads // workers) if workers else None,
+                               "no_engine": no_engine,
                                "rows": grpc_level(address, family_hash, rows, args, label, concurrency)}
 
         print("\n== generation: engine vs transformers", flush=True)
-        gen = generation(family, family_dir, work, args)
+        model = transformers_model(family, work)
+        gen = generation(family, family_dir, model, args)
+        print(f"\n== serving: {args.arrive_requests} requests of mixed lengths, engine vs a static batch",
+              flush=True)
+        served = arrivals(family, model, args)
 
     # gRPC answers should be the engine's: compare each client's last-round tokens with the engine
     # reference (a one-at-a-time engine round on the same rows).
@@ -282,6 +304,8 @@ def main() -> None:
     for data in grpc.values():
         for row in data["rows"]:
             got = row.pop("tokens")
+            if data["no_engine"]:  # its token 0 is no model's
+                continue
             same = [a == b for i, toks in enumerate(got) for a, b in zip(toks, reference[i], strict=True)]
             row["token_agreement_vs_engine"] = sum(same) / len(same)
 
@@ -331,6 +355,11 @@ def main() -> None:
                                    "concurrency (part 1, no network): the share the front end delivers",
             "decode_stage_seconds": "seconds per engine stage over the batched decode phases of every "
                                     "round (Engine.stats()['stage_seconds'])",
+            "grpc_front_end_alone": "the same front end over an engine client without a model "
+                                    "(bench/throughput_grpc.py NoEngine: every continue answered at once): "
+                                    "calls/s the front end and the clients alone reach on this machine, the "
+                                    "ceiling of any engine behind it; its over_engine_batched is the most "
+                                    "gRPC could deliver of the engine's tokens/s here",
             "grpc_one_at_a_time": "the in-process engine with EngineLimits(max_batch_rows=1): one row per "
                                   "engine step",
             "token_agreement": "fraction of greedy tokens equal between the two ways (near ties of "
@@ -340,7 +369,7 @@ def main() -> None:
                           "member exported with Family.export_hf, loaded by AutoModelForCausalLM",
         },
         "clients_in": args.clients_in,
-        "engine": engine_rows, "grpc": grpc, "generation": gen,
+        "engine": engine_rows, "grpc": grpc, "generation": gen, "arrivals": served,
         "wall_seconds": time.perf_counter() - started})
     save_figure(plot(engine_rows, grpc, gen, args), args.name)
     print(f"\nwrote {path} and {RESULTS / (args.name + '.png')} in {time.perf_counter() - started:.0f} s")

@@ -178,11 +178,13 @@ def cloud_throughput(data: dict) -> list[str]:
              *by_sessions(engine, lambda r: rate(r["one_at_a_time"]["decode_tokens_per_s"]))],
             ["batched ÷ one at a time", *by_sessions(engine, lambda r: times(r["decode_ratio"]))]]
     for name, server in grpc.items():
-        rows.append([f"gRPC, {name} (tokens/s)", *by_sessions(server, lambda r: rate(r["tokens_per_s"]))])
+        alone = data["grpc"][name].get("no_engine", False)  # NoEngine: calls, not tokens
+        unit, share = ("calls/s, no model", " (the ceiling)") if alone else ("tokens/s", "")
+        rows.append([f"gRPC, {name} ({unit})", *by_sessions(server, lambda r: rate(r["tokens_per_s"]))])
         rows.append([f"gRPC, {name}: p50 / p99 ms per call", *by_sessions(
             server, lambda r: f"{ms(r['latency']['p50_ms'])} / {ms(r['latency']['p99_ms'])}")])
         if any("over_engine_batched" in r for r in server.values()):
-            rows.append([f"gRPC, {name} ÷ engine, batched", *by_sessions(
+            rows.append([f"gRPC, {name} ÷ engine, batched{share}", *by_sessions(
                 server, lambda r: percent(r.get("over_engine_batched")))])
     generation = data["generation"]
     lines = [*table(["concurrent sessions", *map(str, sessions)], rows), ""]
@@ -205,7 +207,29 @@ def cloud_throughput(data: dict) -> list[str]:
 
         lines += ["", "Where a batched decode step's time goes (share per engine stage):", "",
                   *table(["sessions", *stages], [[r["sessions"], *shares(r)] for r in staged])]
+    if "arrivals" in data:
+        lines += ["", *arrivals_lines(data["arrivals"])]
     return lines
+
+
+def arrivals_lines(served: dict) -> list[str]:
+    """The serving level: mixed-length requests, the engine against a static batch."""
+    prompts, outputs = served["prompt_tokens"], served["new_tokens"]
+    rows = []
+    for schedule, cell in served["schedules"].items():
+        engine, static = cell["engine"], cell["static_batch"]
+        rows.append([schedule.replace("_", " "), rate(engine["tokens_per_s"]), rate(static["tokens_per_s"]),
+                     times(cell["engine_over_static_batch"]),
+                     f"{ms(engine['latency']['p50_ms'])} / {ms(static['latency']['p50_ms'])}",
+                     f"{ms(engine['latency']['p99_ms'])} / {ms(static['latency']['p99_ms'])}",
+                     percent(cell["token_agreement_engine_vs_static_batch"])])
+    return [f"Serving {served['requests']} whole-model requests of {min(prompts)}–{max(prompts)} prompt and "
+            f"{min(outputs)}–{max(outputs)} new tokens: the engine against a static batch around "
+            f"`transformers`' generate (each call takes every request that has arrived, left-padded, "
+            f"and runs to its longest output). Arriving: Poisson arrivals over "
+            f"{served['arrival_span_s']:.3g} s.", "",
+            *table(["schedule", "engine tokens/s", "static batch tokens/s", "engine ÷ static",
+                    "to last token p50 ms, engine / static", "p99", "same tokens"], rows)]
 
 
 def link_modes(data: dict) -> list[str]:

@@ -9,17 +9,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import token_agreement, transformers_greedy, transformers_model
+from common import token_agreement, transformers_greedy
 from throughput_engine import OWNER, context
 from throughput_grpc import server_process
 
 
-def generation(family, family_dir: Path, work: Path, args) -> dict:
+def generation(family, family_dir: Path, model, args) -> dict:
     from cloud.engine import Engine, EngineLimits
     from flow.tier_client import GrpcTier
 
     last = family.config.last_exit
-    model = transformers_model(family, work)
     rng = np.random.default_rng(args.seed + 1)
     prompts = rng.integers(0, family.config.vocab_size, (args.gen_batch, args.gen_prompt)).tolist()
     engine = Engine(family, limits=EngineLimits(max_sessions=args.gen_batch, max_rows_per_request=args.gen_prompt,

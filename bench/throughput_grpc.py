@@ -13,6 +13,7 @@ way this benchmark measured before, kept to show what that costs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -31,6 +32,7 @@ from common import REPO
 from throughput_engine import context, latency_summary
 
 READY = "cloud_throughput server listening on "
+FRONT_END_ALONE = "front end alone"  # the server kind over NoEngine
 SCRIPT = REPO / "bench" / "cloud_throughput.py"  # runs serve_child with --serve-spec
 
 
@@ -48,20 +50,89 @@ def serve_child(spec_json: str) -> None:
     family_dir = Path(spec["family_dir"])
     limits = EngineLimits(max_sessions=spec["max_sessions"], max_rows_per_request=spec["max_rows"],
                           max_batch_rows=spec["max_batch_rows"], max_context=spec["max_context"])
+    family = Family.load(family_dir)
+    if spec.get("no_engine"):
+        with _front_end_alone(family, limits) as address:
+            print(READY + address, flush=True)
+            sys.stdin.read()
+        return
     server = ServerThread(TierSpec(family_dir, 0, limits, ServerConfig(port=0), workers=spec["workers"]),
-                          Family.load(family_dir))
+                          family)
     address = server.start()
     print(READY + address, flush=True)
     sys.stdin.read()  # until the parent is done with us
     server.stop()
 
 
+class NoEngine:
+    """An engine client without a model: every continue is answered at once with token 0. Behind
+    the real front end (gRPC, the request guard, decoding the rows, metrics, the event loop) it
+    measures what the front end alone can serve on this machine, the ceiling for any engine
+    behind it. A measurement baseline of this benchmark, never served."""
+
+    def __init__(self):
+        self._sessions = itertools.count()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def open_session(self, owner: str, from_exit: int) -> tuple[str, int]:
+        return f"session-{next(self._sessions)}", 0
+
+    async def continue_(self, session_id, owner, start, rows, return_all, top_k, rollback):
+        from flow.tier import Answer
+
+        return Answer([0] * (len(rows) if return_all else 1), start + len(rows))
+
+    async def close(self, session_id: str, owner: str) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, max_sessions: int):
-    """A tier server in a child process; yields its address."""
+def _front_end_alone(family, limits):
+    """The tier's gRPC front end over `NoEngine`, on an event loop thread; yields its address."""
+    import asyncio
+
+    from cloud.server import ServerConfig, TierServer, TierService
+    from cloud.service import largest_request_bytes
+
+    config = ServerConfig(port=0, max_receive_bytes=largest_request_bytes(limits, family.config))
+    loop, listening, stopped = asyncio.new_event_loop(), threading.Event(), None
+    box = {}
+
+    async def run():
+        nonlocal stopped
+        stopped = asyncio.Event()
+        service = TierService(NoEngine(), family.family_hash(), family.config.vocab_size, config,
+                              max_rows=limits.max_rows_per_request)
+        server = TierServer(service, config)
+        await server.start()
+        box["address"] = server.address
+        listening.set()
+        await stopped.wait()
+        await server.stop()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    listening.wait(60)
+    try:
+        yield box["address"]
+    finally:
+        loop.call_soon_threadsafe(stopped.set)
+        thread.join(30)
+
+
+@contextlib.contextmanager
+def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, max_sessions: int,
+                   no_engine: bool = False):
+    """A tier server in a child process (its front end over `NoEngine` with `no_engine`); yields
+    its address."""
     spec = dict(family_dir=str(family_dir), threads=args.threads, workers=workers,
                 max_sessions=max_sessions, max_rows=max(args.prompt, args.gen_prompt),
-                max_batch_rows=max_batch_rows, max_context=context(args))
+                max_batch_rows=max_batch_rows, max_context=context(args), no_engine=no_engine)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if workers:  # the workers inherit it: threads / workers torch threads each, not threads each
         env["OMP_NUM_THREADS"] = str(max(1, args.threads // workers))

@@ -11,7 +11,6 @@ standard probes work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -36,18 +35,23 @@ SERVICE_NAME = tier_pb2.DESCRIPTOR.services_by_name["Tier"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
-@contextlib.contextmanager
-def _counted(metrics, method: str, context):
-    """Count one RPC by status code and time it (to its last message, for a stream)."""
-    began, code = time.perf_counter(), "OK"
-    try:
-        yield
-    except BaseException:
-        code = _code_name(context)
-        raise
-    finally:
-        metrics.requests.labels(method, code).inc()
-        metrics.latency.labels(method).observe(time.perf_counter() - began)
+class _counted:
+    """Count one RPC by status code and time it (to its last message, for a stream). A class,
+    not a generator-based context manager: it runs around every call."""
+
+    __slots__ = ("metrics", "method", "context", "began")
+
+    def __init__(self, metrics, method: str, context):
+        self.metrics, self.method, self.context = metrics, method, context
+        self.began = time.perf_counter()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, trace) -> bool:
+        code = "OK" if kind is None else _code_name(self.context)
+        self.metrics.observe_request(self.method, code, time.perf_counter() - self.began)
+        return False
 
 
 def _observed(rpc):
@@ -166,18 +170,27 @@ class TierService(tier_pb2_grpc.TierServicer):
                 index += 1
 
 
-@contextlib.asynccontextmanager
-async def _status(context: grpc.aio.ServicerContext):
+class _status:
     """Answer the protocol's errors (`flow.status`) with their status codes; anything else is a
-    bug and reaches gRPC as UNKNOWN."""
-    try:
-        yield
-    except Exception as err:
-        status = status_of(err)
+    bug and reaches gRPC as UNKNOWN. (`async with _status(context):` around a call's work.)"""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind, error, trace) -> bool:
+        if not isinstance(error, Exception):
+            return False
+        status = status_of(error)
         if status is None:
-            raise
-        await context.abort(grpc.StatusCode[status.code], status.message,
-                            trailing_metadata=status.trailers)
+            return False
+        await self.context.abort(grpc.StatusCode[status.code], status.message,
+                                 trailing_metadata=status.trailers)
+        return False
 
 
 class TierServer:
@@ -203,7 +216,7 @@ class TierServer:
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
         metrics = service.metrics
         guard = RequestGuard(service.identities, f"/{SERVICE_NAME}/",
-                             on_refusal=lambda method, code: metrics.requests.labels(method, code).inc())
+                             on_refusal=lambda method, code: metrics.count_request(method, code))
         self.server = grpc.aio.server(options=options, interceptors=[guard])
         tier_pb2_grpc.add_TierServicer_to_server(service, self.server)
         self.health = _HealthServicer()

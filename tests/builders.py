@@ -1,8 +1,12 @@
-"""Tiny families and checkpoints built on the spot for tests (nothing is downloaded)."""
+"""Tiny families, checkpoints and reference sequences built on the spot for tests (nothing is
+downloaded)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from flow import FamilyConfig
 
@@ -84,3 +88,11 @@ def agreeing_copy(family, damping: float = 0.25, noise: float = 0.1, seed: int =
                 head + noise * head.std() * torch.randn(head.shape, generator=generator))
     family.provenance = {"source": "agreeing_copy", "damping": damping, "noise": noise}
     return family
+
+
+@dataclass
+class Reference:
+    """The hand-off rows of `conftest.SEQUENCE` at exit 0 and the full model's token at every position."""
+
+    rows: np.ndarray  # (16, hidden) float32
+    tokens: list[int]

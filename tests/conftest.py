@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny families built on the spot (nothing is downloaded)."""
+"""Shared fixtures: tiny families built on the spot (nothing is downloaded), and a reference
+sequence with the full model's tokens."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from builders import agreeing_copy, sharpen_heads, tiny_config
+from builders import Reference, agreeing_copy, sharpen_heads, tiny_config
 from flow import Family
+from greedy import NEAR_TIE
 
 
 @pytest.fixture
@@ -45,3 +49,19 @@ def agreeing_family(device_family, tmp_path_factory) -> tuple[Path, Family]:
     family.save(root / "fam")
     export_family_members(root / "fam", exits=[0, 1])
     return root / "fam", family
+
+
+# 16 positions, teacher-forced: the tokens need not be what the model would generate.
+SEQUENCE = [17, 3, 250, 9, 100, 101, 102, 103, 42, 7, 42, 7, 5, 60, 61, 62]
+
+
+@pytest.fixture(scope="session")
+def reference(device_family) -> Reference:
+    _, family = device_family
+    with torch.no_grad():
+        logits = family.logits(SEQUENCE, exit=family.config.last_exit)[0].float()  # (16, vocab)
+        rows = family.handoff(SEQUENCE, exit=0)[0].float().numpy()  # (16, hidden)
+    top2 = logits.topk(2, dim=-1).values
+    # no near tie anywhere: exactly these tokens are the full model's, whatever the batching
+    assert bool((top2[:, 0] - top2[:, 1] > NEAR_TIE).all())
+    return Reference(np.ascontiguousarray(rows), logits.argmax(-1).tolist())

@@ -52,3 +52,41 @@ def test_an_engine_config_travels_whole_and_a_bad_one_is_named():
         EngineConfig.from_dict({**config.to_dict(), "limits": {"max_sessions": 0}})
     with pytest.raises(ConfigError, match="not an engine config"):
         EngineConfig.from_dict({"limits": {"slots": 3}, "to_exit": None, "policy": "max_prob"})
+
+
+def test_one_engine_step_wakes_the_event_loop_once_for_all_its_answers(device_family, reference):
+    """Catches: an answer handed to the event loop on its own (a wake-up per answer, each
+    contending for the GIL with the step still producing the rest), or a second hop per request
+    for its submission. Six sessions' requests, queued while the engine is busy, run in one step:
+    their answers (the reference's tokens, each) reach the loop in one wake-up."""
+    import asyncio
+    import time
+
+    from cloud.engine.core import Engine
+
+    _, family = device_family
+    client = InProcessEngineClient(Engine(family, limits=EngineLimits(max_sessions=6)))
+    owner = "one-wake-up"
+
+    async def scenario():
+        await client.start()
+        loop = asyncio.get_running_loop()
+        wake_ups = []
+        send = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (wake_ups.append(args), send(*args))[1]
+        try:
+            sessions = [(await client.open_session(owner, 0))[0] for _ in range(6)]
+            client.thread.post(lambda: time.sleep(0.3))  # busy: the requests queue up behind it
+            answers = [asyncio.create_task(client.continue_(
+                session, owner, 0, reference.rows, return_all=True, top_k=0, rollback=False))
+                for session in sessions]
+            await asyncio.sleep(0.1)
+            wake_ups.clear()
+            answers = await asyncio.gather(*answers)
+            assert [a.tokens for a in answers] == [reference.tokens] * 6
+            assert len(wake_ups) == 1, wake_ups
+        finally:
+            del loop.call_soon_threadsafe
+            await client.stop()
+
+    asyncio.run(scenario())

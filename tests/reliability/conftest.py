@@ -1,44 +1,18 @@
-"""What the reliability tests share: a reference sequence with the full model's tokens, and
-engine worker pools (`MultiprocessEngineClient` with real worker processes) driven from the test
-thread through an event loop on a background thread."""
+"""What the reliability tests share: engine worker pools (`MultiprocessEngineClient` with real
+worker processes) driven from the test thread through an event loop on a background thread."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
-import torch
 
+from builders import Reference
 from cloud.engine import EngineConfig
 from cloud.engine.multiprocess import MultiprocessEngineClient
-from greedy import NEAR_TIE
 
-# 16 positions, teacher-forced: the tokens need not be what the model would generate.
-SEQUENCE = [17, 3, 250, 9, 100, 101, 102, 103, 42, 7, 42, 7, 5, 60, 61, 62]
 OWNER = "owner-of-the-test-sessions"
-
-
-@dataclass
-class Reference:
-    """The hand-off rows of `SEQUENCE` at exit 0 and the full model's token at every position."""
-
-    rows: np.ndarray  # (16, hidden) float32
-    tokens: list[int]
-
-
-@pytest.fixture(scope="session")
-def reference(device_family) -> Reference:
-    _, family = device_family
-    with torch.no_grad():
-        logits = family.logits(SEQUENCE, exit=family.config.last_exit)[0].float()  # (16, vocab)
-        rows = family.handoff(SEQUENCE, exit=0)[0].float().numpy()  # (16, hidden)
-    top2 = logits.topk(2, dim=-1).values
-    # no near tie anywhere: exactly these tokens are the full model's, whatever the batching
-    assert bool((top2[:, 0] - top2[:, 1] > NEAR_TIE).all())
-    return Reference(np.ascontiguousarray(rows), logits.argmax(-1).tolist())
 
 
 class Pool:

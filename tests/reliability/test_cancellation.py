@@ -19,10 +19,9 @@ def test_a_request_cancelled_before_the_engine_took_it_is_withdrawn(device_famil
 
     async def scenario():
         await client.start()
-        loop = asyncio.get_running_loop()
         try:
             session_id, _ = await client.open_session(OWNER, 0)
-            client.thread.post(lambda: time.sleep(0.5), loop)  # the engine is busy (frozen)
+            client.thread.post(lambda: time.sleep(0.5))  # the engine is busy (frozen)
             gave_up = asyncio.create_task(client.continue_(
                 session_id, OWNER, 0, reference.rows, return_all=True, top_k=0, rollback=False))
             await asyncio.sleep(0.1)
@@ -31,7 +30,7 @@ def test_a_request_cancelled_before_the_engine_took_it_is_withdrawn(device_famil
                                            top_k=0, rollback=False)
             assert retry.tokens == reference.tokens and retry.frontier == len(reference.tokens)
             # a generation given up on the same way gives its slot back: both slots open again
-            client.thread.post(lambda: time.sleep(0.5), loop)
+            client.thread.post(lambda: time.sleep(0.5))
             stream = client.generate(OWNER, [1, 2, 3], 50, SamplingParams(), ())
             waiting = asyncio.create_task(stream.__anext__())
             await asyncio.sleep(0.1)
