@@ -19,10 +19,9 @@ import json
 import numpy as np
 from common import write_json
 
-from device.client import DEFAULT_THRESHOLDS
 from device.member import MemberSession
 from flow.artifact import calibration_path, member_path, read_manifest
-from flow.confidence import POLICIES, ExitPolicy
+from flow.confidence import DEFAULT_THRESHOLDS, POLICIES, ExitPolicy
 from flow.data.tokens import open_tokens
 
 

@@ -17,6 +17,7 @@ results only (suite.json stays the last whole run's).
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import subprocess
 import sys
@@ -58,6 +59,11 @@ SUITE = (
           (f"{SMOL}/imported", f"{SMOL}/family", f"{SMOL}/tokens", "runs/smollm2-distilled/family")),
     Entry("cloud_throughput", "batched engine against one at a time, gRPC, whole-model generation",
           ("cloud_throughput.py",)),
+    Entry("cloud_throughput_smollm2", "the same on the SmolLM2 family",
+          ("cloud_throughput.py", "--family", f"{SMOL}/family", "--concurrency", "1", "8", "32",
+           "--grpc-concurrency", "1", "8", "32", "--grpc-baseline-max", "8", "--rounds", "2",
+           "--gen-rounds", "3", "--arrive-rounds", "1", "--name", "cloud_throughput_smollm2"),
+          (f"{SMOL}/family/members/1",)),
     Entry("link_modes", "every device mode over shaped links",
           ("link_modes.py",), (f"{SMOL}/family/members/1", "runs/demo/corpus")),
     Entry("many_devices", "1, 8 and 32 devices against one cloud",
@@ -119,8 +125,13 @@ def report() -> int:
 
 
 def main(argv: list[str]) -> int:
-    long = "--long" in argv
-    argv = [a for a in argv if a != "--long"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="`list` (default), `all`, or benchmark names from the list")
+    parser.add_argument("--long", action="store_true",
+                        help="`all` also runs the benchmarks that train for an hour or more")
+    args = parser.parse_args(argv)
+    argv, long = args.names, args.long
     if not argv or argv == ["list"]:
         for entry in SUITE:
             what = entry.what + (" [long: --long]" if entry.long else "")

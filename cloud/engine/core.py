@@ -225,6 +225,7 @@ class Engine:
             try:
                 self._run_group(first, generating, group)
             except Exception as err:  # noqa: BLE001 - a failed forward answers its requests, not the engine
+                self._stages.lap_failed()
                 log.exception("forward from block %d failed for %d requests", first, len(group))
                 for chunk in group:
                     self._fail(chunk.session, TierError(f"the engine failed on this request: {err}"))

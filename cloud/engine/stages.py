@@ -18,18 +18,24 @@ from __future__ import annotations
 import time
 
 STAGES = ("schedule", "inputs", "blocks", "head", "answers")
+# The stage that runs after each (a step runs its groups one after another: inputs .. answers).
+_NEXT = {None: "schedule", "schedule": "inputs", "inputs": "blocks", "blocks": "head",
+         "head": "answers", "answers": "inputs"}
 
 
 class StageTimes:
-    """Seconds per stage; `start()` at the top of a step, `lap(stage)` at the end of each stage."""
+    """Seconds per stage; `start()` at the top of a step, `lap(stage)` at the end of each stage,
+    `lap_failed()` where a group's work failed."""
 
     def __init__(self, synchronize=None):
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._synchronize = synchronize  # e.g. torch.cuda.synchronize, or None on the CPU
         self._mark = time.perf_counter()
+        self._last: str | None = None  # the stage lapped last in this step
 
     def start(self) -> None:
         self._mark = time.perf_counter()
+        self._last = None
 
     def lap(self, stage: str) -> None:
         """Charge the time since the previous mark to `stage`."""
@@ -37,7 +43,12 @@ class StageTimes:
             self._synchronize()
         now = time.perf_counter()
         self.seconds[stage] += now - self._mark
-        self._mark = now
+        self._mark, self._last = now, stage
+
+    def lap_failed(self) -> None:
+        """Charge the time since the previous mark to the stage that was running when a group's
+        work failed (its forward, usually), not to whatever the step runs next."""
+        self.lap(_NEXT[self._last])
 
     def snapshot(self) -> dict[str, float]:
         return dict(self.seconds)

@@ -585,3 +585,27 @@ def test_stage_seconds_account_for_each_step_and_charge_the_stage_that_took_the_
     slept = 0.02 * forwards
     assert stages["blocks"] >= slept >= 0.04, stages  # every forward's sleep, in `blocks`
     assert all(seconds < slept for stage, seconds in stages.items() if stage != "blocks"), stages
+
+
+def test_a_failed_forward_is_charged_to_the_stage_it_failed_in(family, monkeypatch):
+    """Catches: the time of a forward that raised lost to the stage figures, or charged to the
+    next group's inputs (a failing model would look like slow input preparation)."""
+    import time
+
+    engine = Engine(family, limits=EngineLimits(max_sessions=2))
+    session, _ = engine.open_session("o", 1)
+    work = engine.submit_continue(session, "o", 0, rows(family, prompt_of(4, seed=320), 1))
+
+    def failing_blocks(*args, **kwargs):
+        time.sleep(0.05)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.model, "run_blocks", failing_blocks)
+    began = time.perf_counter()
+    engine.step()
+    wall = time.perf_counter() - began
+    assert work.done and "out of memory" in str(work.error)
+    stages = engine.stats()["stage_seconds"]
+    assert stages["blocks"] >= 0.05 and stages["inputs"] < 0.05, stages
+    assert 0.95 * wall <= sum(stages.values()) <= wall, (stages, wall)
+
