@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients-in", choices=["processes", "threads"], default="processes",
                         help="gRPC clients each in a process of their own (as devices are), or as "
                              "threads of this process sharing its GIL (default: %(default)s)")
+    parser.add_argument("--cores", choices=["shared", "split"], default="shared",
+                        help="shared: everything on every core; split: the engine, the server and "
+                             "the generation runners on the first half of the cores (threads = its "
+                             "size), the gRPC clients on the other half, as devices on other "
+                             "machines would be (default: %(default)s)")
     parser.add_argument("--grpc-baseline-max", type=int, default=32,
                         help="the gRPC one-at-a-time server (max_batch_rows=1) runs the client counts "
                              "up to this (0 = skip it); it is the slowest part (default: %(default)s)")
@@ -118,6 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "arrive_requests", "arrive_rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    cpus = sorted(os.sched_getaffinity(0))
+    args.server_cpus = args.client_cpus = None
+    if args.cores == "split":
+        if len(cpus) < 2 or args.clients_in != "processes":
+            parser.error("--cores split needs 2 cores or more and the clients in processes")
+        args.server_cpus, args.client_cpus = cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
+        args.threads = len(args.server_cpus)
     if args.arrive_span < 0:
         parser.error("--arrive-span must be >= 0 (0: every request due at once)")
     if min(args.concurrency + args.grpc_concurrency) < 1 or min(args.grpc_workers) < 0:
@@ -245,6 +257,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from builders import sharpen_heads
 
+    if args.server_cpus:  # the engine level and the generation runners, where the server runs
+        os.sched_setaffinity(0, args.server_cpus)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()  # other work on the machine skews every number; record it
@@ -369,6 +383,7 @@ def main() -> None:
                           "member exported with Family.export_hf, loaded by AutoModelForCausalLM",
         },
         "clients_in": args.clients_in,
+        "cores": {"mode": args.cores, "server": args.server_cpus, "clients": args.client_cpus},
         "engine": engine_rows, "grpc": grpc, "generation": gen, "arrivals": served,
         "wall_seconds": time.perf_counter() - started})
     save_figure(plot(engine_rows, grpc, gen, args), args.name)

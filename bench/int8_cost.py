@@ -9,6 +9,7 @@ and int8 ONNX members under ONNX Runtime and reports:
 - file sizes.
 
     python bench/int8_cost.py --family runs/demo/family --data runs/demo/corpus
+    python bench/int8_cost.py --family runs/smollm2/family --data runs/smollm2/tokens --name int8_cost_smollm2
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="int8_cost", help="results file name under bench/results "
+                                                            "(default: %(default)s)")
     args = parser.parse_args()
     manifest = read_manifest(args.family, weights=False)
     tokens = open_tokens(args.data, "heldout")
@@ -82,7 +85,7 @@ def main() -> None:
         agreement = r["exit_decision_agreement"]
         decisions = " ".join(f"{agreement[p]:9.3f}" if agreement else f"{'-':>9}" for p in POLICIES)
         print(f"{r['exit']:>6} {r['top1_agreement']:7.3f} {decisions}   {r['fp32_mb']:7.1f}  {r['int8_mb']:7.1f}")
-    print(f"wrote {write_json('int8_cost', {'args': vars(args), 'members': results})}")
+    print(f"wrote {write_json(args.name, {'args': vars(args), 'members': results})}")
 
 
 if __name__ == "__main__":

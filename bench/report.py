@@ -43,7 +43,7 @@ def _shown(format_value: Callable[[float], str]) -> Callable[[float | None], str
     return lambda value: "–" if value is None else format_value(value)
 
 
-rate = _shown(lambda v: f"{v:.1f}")  # tokens/s, MB
+rate = _shown(lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.1f}")  # tokens/s, MB
 seconds = _shown(lambda v: f"{v:.2f}")
 ms = _shown(lambda v: f"{v:.2f}" if v < 1 else f"{v:.1f}" if v < 100 else f"{v:,.0f}")
 ratio = _shown(lambda v: f"{v:.2f}")
@@ -190,6 +190,10 @@ def cloud_throughput(data: dict) -> list[str]:
     lines = [*table(["concurrent sessions", *map(str, sessions)], rows), ""]
     clients = {"processes": "each in a process of its own",
                "threads": "threads of one process, sharing its GIL"}.get(data.get("clients_in"))
+    cores = data.get("cores") or {}
+    if cores.get("mode") == "split":
+        clients = (clients or "") + (f"; the clients on cores {cores['clients']}, the engine, the "
+                                     f"server and the generation runners on cores {cores['server']}")
     if clients:
         lines += [f"gRPC clients: {clients}.", ""]
     lines += [f"Whole-model generation ({generation['prompt_tokens']} prompt + "

@@ -39,6 +39,8 @@ SCRIPT = REPO / "bench" / "cloud_throughput.py"  # runs serve_child with --serve
 def serve_child(spec_json: str) -> None:
     """Run as the server process: a ServerThread until the parent closes our stdin."""
     spec = json.loads(spec_json)
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -132,7 +134,8 @@ def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, ma
     its address."""
     spec = dict(family_dir=str(family_dir), threads=args.threads, workers=workers,
                 max_sessions=max_sessions, max_rows=max(args.prompt, args.gen_prompt),
-                max_batch_rows=max_batch_rows, max_context=context(args), no_engine=no_engine)
+                max_batch_rows=max_batch_rows, max_context=context(args), no_engine=no_engine,
+                cpus=args.server_cpus)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if workers:  # the workers inherit it: threads / workers torch threads each, not threads each
         env["OMP_NUM_THREADS"] = str(max(1, args.threads // workers))
@@ -195,9 +198,11 @@ def run_client(address: str, family_hash: str, rows: np.ndarray, prompt: int, st
 
 
 def _client_process(index: int, address: str, family_hash: str, rows_file: str, prompt: int,
-                    steps: int, rounds: int, barrier, results) -> None:
-    """A client process: its result (or its traceback) goes to `results`."""
+                    steps: int, rounds: int, barrier, results, cpus: list[int] | None) -> None:
+    """A client process (on `cpus`, when given): its result (or its traceback) goes to `results`."""
     try:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         rows = np.load(rows_file, mmap_mode="r")[index]
         results.put((index, run_client(address, family_hash, np.ascontiguousarray(rows), prompt,
                                        steps, rounds, barrier), None))
@@ -214,7 +219,8 @@ def _in_processes(address: str, family_hash: str, rows: np.ndarray, clients: int
         np.save(rows_file, rows[:clients])
         processes = [spawn.Process(target=_client_process, daemon=True,
                                    args=(i, address, family_hash, rows_file, args.prompt,
-                                         args.grpc_steps, rounds, barrier, results))
+                                         args.grpc_steps, rounds, barrier, results,
+                                         args.client_cpus))
                      for i in range(clients)]
         for process in processes:
             process.start()

@@ -253,12 +253,18 @@ class Engine:
 
     def _run_group(self, first: int, generating: bool, group: list[Chunk]) -> None:
         """One forward of the group's chunks through blocks first..last_layer, then answers."""
+        # In slot order: when the rows hold a run of consecutive slots (every session of a full
+        # decode batch, or a single row), attention reads the pool in place instead of a copy.
+        group.sort(key=lambda c: c.session.slot)
         width = max(c.length for c in group)
         positions, token_slots = self._positions(group, width)
-        row_slots = torch.tensor([c.session.slot for c in group], device=self.device)
+        slots = [c.session.slot for c in group]
+        row_slots = torch.tensor(slots, device=self.device)
+        consecutive = slots[-1] - slots[0] == len(slots) - 1  # distinct slots, sorted
         span = max(c.position + c.length for c in group)  # keys any real query may attend
         mask = (torch.arange(span, device=self.device) <= positions[..., None])[:, None]
-        cache = self.pool.cache(first, self.last_layer, self.last_exit, token_slots, row_slots, span)
+        cache = self.pool.cache(first, self.last_layer, self.last_exit, token_slots, row_slots, span,
+                                first_slot=slots[0] if consecutive else None)
         hidden = self._token_inputs(group, width) if generating else self._row_inputs(group, width)
         self._stages.lap("inputs")
         out = self.model.run_blocks(hidden, first, self.last_layer, positions, cache, mask)

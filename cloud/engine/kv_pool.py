@@ -142,11 +142,12 @@ class KVPool:
     # ---- the caches of one batched forward ------------------------------------------------------
 
     def cache(self, first: int, last: int, exit_index: int, token_slots: Tensor, row_slots: Tensor,
-              span: int) -> FamilyCache:
+              span: int, first_slot: int | None = None) -> FamilyCache:
         """Blocks first..last (and the exit's block) seen through one batch's slots: each token's
         key and value go to `token_slots` (B, T) at its position, and attention reads each row's
-        slot `row_slots` (B,) up to `span` positions."""
-        view = lambda pair: _PoolView(*pair, token_slots, row_slots, span)  # noqa: E731
+        slot `row_slots` (B,) up to `span` positions. `first_slot`: the rows' slots are
+        first_slot, first_slot + 1, ...: attention reads them in place, without a gather."""
+        view = lambda pair: _PoolView(*pair, token_slots, row_slots, span, first_slot)  # noqa: E731
         exits = {exit_index: view(self.exit_block)} if self.exit_block is not None else {}
         return FamilyCache(blocks={layer: view(self.blocks[layer]) for layer in range(first, last + 1)},
                            exits=exits)
@@ -168,9 +169,10 @@ class _PoolView:
     """
 
     def __init__(self, key: Tensor, value: Tensor, token_slots: Tensor, row_slots: Tensor,
-                 span: int):
+                 span: int, first_slot: int | None = None):
         self.key, self.value = key, value  # (slots + 1, kv_heads, context, head_dim)
         self.token_slots, self.row_slots, self.span = token_slots, row_slots, span
+        self.first_slot = first_slot  # the rows' slots are consecutive from here (None: not)
 
     @property
     def max_seq_len(self) -> int:
@@ -180,6 +182,9 @@ class _PoolView:
         # Advanced indices around a slice put (B, T) first: targets are (B, T, kv_heads, head_dim).
         self.key[self.token_slots, :, positions] = key.transpose(1, 2)
         self.value[self.token_slots, :, positions] = value.transpose(1, 2)
+        if self.first_slot is not None:  # consecutive slots: a view of the pool, no copy
+            rows = slice(self.first_slot, self.first_slot + len(self.row_slots))
+            return self.key[rows, :, :self.span], self.value[rows, :, :self.span]
         # Slice before gathering: copy only the positions this batch can attend.
         return (self.key[:, :, :self.span].index_select(0, self.row_slots),
                 self.value[:, :, :self.span].index_select(0, self.row_slots))
