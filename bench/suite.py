@@ -65,7 +65,7 @@ SUITE = (
            "--arrive-rounds", "1", "--name", "cloud_throughput_split")),
     Entry("cloud_throughput_smollm2_split", "the same on the SmolLM2 family",
           ("cloud_throughput.py", "--family", f"{SMOL}/family", "--cores", "split", "--concurrency",
-           "32", "--grpc-concurrency", "32", "--grpc-workers", "0", "--grpc-baseline-max", "0",
+           "32", "--grpc-concurrency", "32", "--grpc-workers", "0", "1", "--grpc-baseline-max", "0",
            "--rounds", "2", "--gen-rounds", "1", "--gen-tokens", "16", "--arrive-requests", "8",
            "--arrive-rounds", "1", "--name", "cloud_throughput_smollm2_split"),
           (f"{SMOL}/family/members/1",)),
