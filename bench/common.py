@@ -68,14 +68,20 @@ def transformers_model(family, directory: Path):
 
 
 def transformers_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """Exactly `new` greedy tokens after each prompt (all of one length), in one batched call."""
+    """Exactly `new` greedy tokens after each prompt, in one batched call; prompts of different
+    lengths are left-padded (token 0, masked out), as a static batch serves them."""
     import torch
 
-    ids = torch.tensor(prompts)
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
     with torch.no_grad(), quiet("transformers", "torch"):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:].tolist()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+    return out[:, width:].tolist()
 
 
 def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:

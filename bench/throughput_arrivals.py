@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from common import quiet, token_agreement
+from common import token_agreement, transformers_greedy
 from throughput_engine import OWNER, latency_summary
 
 
@@ -86,8 +86,6 @@ def serve_engine(engine, requests: list[Request], due: list[float]) -> dict:
 def serve_static(model, requests: list[Request], due: list[float]) -> dict:
     """A static batcher: whenever idle, one left-padded `generate` on everything that has arrived,
     to the batch's longest output."""
-    import torch
-
     start = time.perf_counter()
     completed, tokens = [0.0] * len(requests), [[] for _ in requests]
     served, batches = 0, []
@@ -95,21 +93,12 @@ def serve_static(model, requests: list[Request], due: list[float]) -> dict:
         _wait_until(start + due[served])
         now = time.perf_counter() - start
         batch = [i for i in range(served, len(requests)) if due[i] <= now]
-        width = max(len(requests[i].prompt) for i in batch)
         longest = max(requests[i].new_tokens for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            prompt = requests[i].prompt
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        with torch.no_grad(), quiet("transformers", "torch"):
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=longest,
-                                 min_new_tokens=longest, do_sample=False, pad_token_id=0)
+        out = transformers_greedy(model, [requests[i].prompt for i in batch], longest)
         finished = time.perf_counter() - start
         for row, i in enumerate(batch):
             completed[i] = finished
-            tokens[i] = out[row, width:width + requests[i].new_tokens].tolist()
+            tokens[i] = out[row][:requests[i].new_tokens]
         batches.append(len(batch))
         served += len(batch)
     return {"completed_s": completed, "tokens": tokens, "batches": batches}

@@ -38,9 +38,7 @@ SCRIPT = REPO / "bench" / "cloud_throughput.py"  # runs serve_child with --serve
 
 def serve_child(spec_json: str) -> None:
     """Run as the server process: a ServerThread until the parent closes our stdin."""
-    spec = json.loads(spec_json)
-    if spec.get("cpus"):
-        os.sched_setaffinity(0, spec["cpus"])
+    spec = json.loads(spec_json)  # on the cores of the parent (--cores split: the server's)
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -52,14 +50,8 @@ def serve_child(spec_json: str) -> None:
     family_dir = Path(spec["family_dir"])
     limits = EngineLimits(max_sessions=spec["max_sessions"], max_rows_per_request=spec["max_rows"],
                           max_batch_rows=spec["max_batch_rows"], max_context=spec["max_context"])
-    family = Family.load(family_dir)
-    if spec.get("no_engine"):
-        with _front_end_alone(family, limits) as address:
-            print(READY + address, flush=True)
-            sys.stdin.read()
-        return
     server = ServerThread(TierSpec(family_dir, 0, limits, ServerConfig(port=0), workers=spec["workers"]),
-                          family)
+                          Family.load(family_dir), engine=NoEngine() if spec["no_engine"] else None)
     address = server.start()
     print(READY + address, flush=True)
     sys.stdin.read()  # until the parent is done with us
@@ -92,39 +84,8 @@ class NoEngine:
     async def close(self, session_id: str, owner: str) -> None:
         pass
 
-
-@contextlib.contextmanager
-def _front_end_alone(family, limits):
-    """The tier's gRPC front end over `NoEngine`, on an event loop thread; yields its address."""
-    import asyncio
-
-    from cloud.server import ServerConfig, TierServer, TierService
-    from cloud.service import largest_request_bytes
-
-    config = ServerConfig(port=0, max_receive_bytes=largest_request_bytes(limits, family.config))
-    loop, listening, stopped = asyncio.new_event_loop(), threading.Event(), None
-    box = {}
-
-    async def run():
-        nonlocal stopped
-        stopped = asyncio.Event()
-        service = TierService(NoEngine(), family.family_hash(), family.config.vocab_size, config,
-                              max_rows=limits.max_rows_per_request)
-        server = TierServer(service, config)
-        await server.start()
-        box["address"] = server.address
-        listening.set()
-        await stopped.wait()
-        await server.stop()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
-    thread.start()
-    listening.wait(60)
-    try:
-        yield box["address"]
-    finally:
-        loop.call_soon_threadsafe(stopped.set)
-        thread.join(30)
+    async def stats(self) -> dict:
+        return {}
 
 
 @contextlib.contextmanager
@@ -134,8 +95,7 @@ def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, ma
     its address."""
     spec = dict(family_dir=str(family_dir), threads=args.threads, workers=workers,
                 max_sessions=max_sessions, max_rows=max(args.prompt, args.gen_prompt),
-                max_batch_rows=max_batch_rows, max_context=context(args), no_engine=no_engine,
-                cpus=args.server_cpus)
+                max_batch_rows=max_batch_rows, max_context=context(args), no_engine=no_engine)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if workers:  # the workers inherit it: threads / workers torch threads each, not threads each
         env["OMP_NUM_THREADS"] = str(max(1, args.threads // workers))

@@ -67,26 +67,27 @@ class TierMetrics:
         self.step_seconds = Histogram("flow_engine_step_duration_seconds", "duration of an engine step",
                                       registry=self.registry,
                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
-        self._request_counters: dict[tuple[str, str], Counter] = {}
-        self._latencies: dict[str, Histogram] = {}
+        self._children: dict[tuple, object] = {}  # (metric, labels) -> its labelled child
         self.engine = _EngineCollector()
         self.registry.register(self.engine)
 
     def count_request(self, method: str, code: str) -> None:
         """One RPC answered with status `code` (a name of `grpc.StatusCode`)."""
-        key = (method, code)
-        counter = self._request_counters.get(key)
-        if counter is None:  # labels() takes a lock and builds a key: once per pair, not per call
-            counter = self._request_counters[key] = self.requests.labels(method, code)
-        counter.inc()
+        self._child(self.requests, method, code).inc()
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """One RPC answered with `code` after `seconds` (to its last message, for a stream)."""
         self.count_request(method, code)
-        latency = self._latencies.get(method)
-        if latency is None:
-            latency = self._latencies[method] = self.latency.labels(method)
-        latency.observe(seconds)
+        self._child(self.latency, method).observe(seconds)
+
+    def _child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, kept: labels() takes a lock and builds a key, once per label
+        set rather than once per call."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_step(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

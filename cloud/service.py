@@ -47,10 +47,11 @@ class TierSpec:
     next_token: str | None = None
 
 
-def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
+def build(spec: TierSpec, family=None,
+          engine: EngineClient | None = None) -> tuple[TierServer, EngineClient]:
     """The server and its engine client for `spec` (neither started): the engine in this process
     or in worker processes, wrapped by an edge's forwarding when the tier stops before the full
-    model."""
+    model. `engine` serves instead when given (a benchmark's or a test's engine client)."""
     from flow.errors import ConfigError
     from flow.family import Family
 
@@ -78,20 +79,8 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
         raise ConfigError(f"--to-exit {spec.to_exit} stops before the full model: give --next "
                           f"HOST:PORT of the tier to forward to")
     engine_config = EngineConfig(limits, to_exit=spec.to_exit if edge else None, policy=spec.policy)
-    if spec.workers or spec.endpoint:
-        from cloud.engine.keys import WorkerKey
-        from cloud.engine.multiprocess import MultiprocessEngineClient
-
-        worker_key = WorkerKey.load(spec.worker_key) if spec.worker_key is not None else None
-        engine = MultiprocessEngineClient(spec.endpoint, family.family_hash(), engine_config,
-                                          spec.family_dir, spec.workers,
-                                          on_step=metrics.observe_step, worker_key=worker_key)
-    else:
-        from cloud.engine.core import Engine
-        from cloud.engine.in_process import InProcessEngineClient
-
-        engine = InProcessEngineClient(Engine.from_config(family, engine_config),
-                                       on_step=metrics.observe_step)
+    if engine is None:
+        engine = _engine_client(spec, family, engine_config, metrics)
     if edge:
         from cloud.edge import EdgeEngineClient
         from flow.confidence import ExitPolicy
@@ -111,6 +100,24 @@ def build(spec: TierSpec, family=None) -> tuple[TierServer, EngineClient]:
     return TierServer(service, server), engine
 
 
+def _engine_client(spec: TierSpec, family, engine_config: EngineConfig,
+                   metrics: TierMetrics) -> EngineClient:
+    """The engine of `spec`: in worker processes, or on a thread of this process."""
+    if spec.workers or spec.endpoint:
+        from cloud.engine.keys import WorkerKey
+        from cloud.engine.multiprocess import MultiprocessEngineClient
+
+        worker_key = WorkerKey.load(spec.worker_key) if spec.worker_key is not None else None
+        return MultiprocessEngineClient(spec.endpoint, family.family_hash(), engine_config,
+                                        spec.family_dir, spec.workers,
+                                        on_step=metrics.observe_step, worker_key=worker_key)
+    from cloud.engine.core import Engine
+    from cloud.engine.in_process import InProcessEngineClient
+
+    return InProcessEngineClient(Engine.from_config(family, engine_config),
+                                 on_step=metrics.observe_step)
+
+
 def largest_request_bytes(limits: EngineLimits, config) -> int:
     """The largest request a tier of these limits takes for a family of `config`: a Continue of
     `max_rows_per_request` fp32 rows (the widest codec), or a Generate whose prompt and stop ids
@@ -120,10 +127,10 @@ def largest_request_bytes(limits: EngineLimits, config) -> int:
     return max(rows, token_ids) + (64 << 10)  # ids, shapes, sampling parameters
 
 
-async def serve(spec: TierSpec, ready=None, family=None) -> None:
+async def serve(spec: TierSpec, ready=None, family=None, engine: EngineClient | None = None) -> None:
     """Serve until cancelled or signalled; `ready(server)` is called once it listens. Whatever
     started is stopped again if a later part cannot start (a port in use, a worker that fails)."""
-    server, engine = build(spec, family)
+    server, engine = build(spec, family, engine)
     metrics = server.service.metrics
     http = metrics.serve_http(spec.metrics_port, spec.server.host) if spec.metrics_port is not None \
         else None  # first: a metrics port in use fails before any worker is spawned
@@ -166,8 +173,8 @@ async def _poll_stats(engine, metrics, server: TierServer, every_s: float = 1.0)
 class ServerThread:
     """A tier server on a background event loop: `with ServerThread(spec) as address: ...`."""
 
-    def __init__(self, spec: TierSpec, family=None):
-        self.spec, self.family = spec, family
+    def __init__(self, spec: TierSpec, family=None, engine: EngineClient | None = None):
+        self.spec, self.family, self.engine = spec, family, engine
         self.server: TierServer | None = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -176,7 +183,7 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._task = self._loop.create_task(serve(self.spec, self._on_ready, self.family))
+        self._task = self._loop.create_task(serve(self.spec, self._on_ready, self.family, self.engine))
         try:
             self._loop.run_until_complete(self._task)
         except asyncio.CancelledError:

@@ -96,3 +96,13 @@ class Reference:
 
     rows: np.ndarray  # (16, hidden) float32
     tokens: list[int]
+
+
+def prompt_of(length: int, seed: int, vocab_size: int = 97) -> list[int]:
+    """Random token ids (tiny_config's vocabulary by default)."""
+    return np.random.default_rng(seed).integers(0, vocab_size, length).tolist()
+
+
+def handoff_rows(family, tokens: list[int], exit: int) -> np.ndarray:
+    """h_e of every position, recomputed from the token ids (the device's part, independently)."""
+    return family.handoff(tokens, exit=exit)[0].numpy()

@@ -7,28 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from builders import sharpen_heads, tiny_config
+from builders import handoff_rows, prompt_of
 from cloud.engine import Engine, EngineLimits
-from flow import Family
 from flow.reference_tier import ReferenceTier
 from flow.tier import Exhausted, FrontierMismatch, InvalidRequest, SamplingParams, SessionLost, TierError
 from greedy import NEAR_TIE, check_same_greedy, greedy
 
 LAST = 2  # tiny_config's exits are after layers 1, 2, 4: exit 2 is the full model
-
-
-@pytest.fixture(scope="module")
-def family() -> Family:
-    return sharpen_heads(Family.random(tiny_config(head_dim=16, max_seq_len=96), seed=5))
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 97, length).tolist()
-
-
-def rows(family: Family, tokens: list[int], exit: int) -> np.ndarray:
-    """h_e of every position, recomputed from the token ids (the device's part, independently)."""
-    return family.handoff(tokens, exit=exit)[0].numpy()
 
 
 def run(engine: Engine, limit: int = 1000) -> None:
@@ -61,7 +46,7 @@ def assert_argmax(logits: torch.Tensor, tokens: list[int]) -> None:
 @pytest.mark.parametrize("exit", [0, 1])
 def test_one_session_catch_up_then_single_rows(family, exit):
     tokens = prompt_of(30, seed=exit)
-    h = rows(family, tokens, exit)
+    h = handoff_rows(family, tokens, exit)
     expected = family.logits(tokens, exit=LAST)[0]
     engine = Engine(family, limits=EngineLimits(max_sessions=2))
     session, frontier = engine.open_session("alice", exit)
@@ -116,7 +101,7 @@ class Device:
                     self.tokens.append(self.expected[len(self.tokens) - len(self.prompt)])
         self.drafts = self._drafts() if self.mode == "speculative" else []
         sequence = self.tokens + self.drafts
-        h = rows(self.family, sequence, self.exit)[self.valid:]
+        h = handoff_rows(self.family, sequence, self.exit)[self.valid:]
         self.work = self.engine.submit_continue(
             self.session, self.owner, self.valid, h, return_all=self.mode == "speculative",
             rollback=self.mode == "speculative" and self.round > 0)
@@ -189,8 +174,8 @@ def test_16_decode_steps_take_one_step_and_match_one_at_a_time(family):
     for engine in (batched, alone):
         sessions = [engine.open_session("o", 1)[0] for _ in prompts]
         for session, prompt in zip(sessions, prompts, strict=True):
-            answer(engine, session, "o", 0, rows(family, prompt, 1))
-        nexts = [rows(family, p + [7], 1)[-1:] for p in prompts]
+            answer(engine, session, "o", 0, handoff_rows(family, prompt, 1))
+        nexts = [handoff_rows(family, p + [7], 1)[-1:] for p in prompts]
         if engine is batched:
             works = [engine.submit_continue(s, "o", len(p), h, top_k=4)
                      for s, p, h in zip(sessions, prompts, nexts, strict=True)]
@@ -210,7 +195,7 @@ def test_requests_longer_than_a_step_are_split_across_steps(family):
     engine = Engine(family, limits=EngineLimits(max_sessions=4, max_batch_rows=8))
     tokens = prompt_of(40, seed=7)
     session, _ = engine.open_session("o", 0)
-    work = engine.submit_continue(session, "o", 0, rows(family, tokens, 0)[:30], return_all=True)
+    work = engine.submit_continue(session, "o", 0, handoff_rows(family, tokens, 0)[:30], return_all=True)
     generation = engine.submit_generate("o", tokens[:25], 4, None, ())
     steps = 0
     while engine.has_work():
@@ -234,7 +219,7 @@ def test_generate_batched_alongside_continuations(family):
     # Continuations of two sessions run in the same steps.
     tokens = prompt_of(20, seed=9)
     session, _ = engine.open_session("o", 1)
-    h = rows(family, tokens, 1)
+    h = handoff_rows(family, tokens, 1)
     continued = []
     for position in range(0, 20, 5):
         work = engine.submit_continue(session, "o", position, h[position:position + 5], return_all=True)
@@ -284,7 +269,7 @@ def test_sampled_generate_is_reproducible_by_seed(family):
 def test_every_validation_rule_raises_and_leaves_sessions_working(family):
     engine = Engine(family, limits=EngineLimits(max_sessions=4, max_rows_per_request=8))
     tokens = prompt_of(12, seed=21)
-    h = rows(family, tokens, 0)
+    h = handoff_rows(family, tokens, 0)
     bystander, _ = engine.open_session("bob", 0)
     answer(engine, bystander, "bob", 0, h[:4])
     session, _ = engine.open_session("alice", 0)
@@ -369,8 +354,8 @@ def test_rollback_flag_discards_a_draft_and_continues_exactly(family):
     wrong = tokens[:10] + [(t + 5) % 97 for t in tokens[10:]]
     engine = Engine(family, limits=EngineLimits(max_sessions=2))
     session, _ = engine.open_session("o", 1)
-    assert answer(engine, session, "o", 0, rows(family, wrong, 1)).frontier == 16
-    got = answer(engine, session, "o", 10, rows(family, tokens, 1)[10:], return_all=True, rollback=True)
+    assert answer(engine, session, "o", 0, handoff_rows(family, wrong, 1)).frontier == 16
+    got = answer(engine, session, "o", 10, handoff_rows(family, tokens, 1)[10:], return_all=True, rollback=True)
     assert got.frontier == 16
     assert_argmax(family.logits(tokens, exit=LAST)[0, 10:], got.tokens)
 
@@ -389,7 +374,7 @@ class FakeClock:
 def test_full_pool_evicts_the_least_recently_used_idle_session(family):
     clock = FakeClock()  # a clock that never moves: LRU order must not depend on it
     engine = Engine(family, limits=EngineLimits(max_sessions=3), clock=clock)
-    h = rows(family, prompt_of(6, seed=41), 0)
+    h = handoff_rows(family, prompt_of(6, seed=41), 0)
     a, b, c = (engine.open_session("o", 0)[0] for _ in range(3))
     for session in (b, a, c):  # b is now the least recently used
         answer(engine, session, "o", 0, h[:2])
@@ -420,7 +405,7 @@ def test_full_pool_evicts_the_least_recently_used_idle_session(family):
 def test_idle_sessions_expire_after_the_ttl(family):
     clock = FakeClock()
     engine = Engine(family, limits=EngineLimits(max_sessions=4, session_ttl_s=60), clock=clock)
-    h = rows(family, prompt_of(4, seed=51), 0)
+    h = handoff_rows(family, prompt_of(4, seed=51), 0)
     old, _ = engine.open_session("o", 0)
     clock.now += 40
     recent, _ = engine.open_session("o", 0)
@@ -453,7 +438,7 @@ def test_cancel_frees_the_slot(family):
     assert engine.stats()["free_slots"] == 2 and not engine.has_work()
     engine.cancel(generation)  # no-op once done
     # A cancelled continue leaves its session idle at its old frontier.
-    h = rows(family, prompt_of(5, seed=61), 1)
+    h = handoff_rows(family, prompt_of(5, seed=61), 1)
     session, _ = engine.open_session("o", 1)
     work = engine.submit_continue(session, "o", 0, h)
     engine.cancel(work)
@@ -473,7 +458,7 @@ def test_first_layer_limits_what_the_engine_serves(family):
         engine.submit_generate("o", [1, 2], 3, None, ())
     tokens = prompt_of(8, seed=71)
     session, _ = engine.open_session("o", 1)
-    got = answer(engine, session, "o", 0, rows(family, tokens, 1), return_all=True)
+    got = answer(engine, session, "o", 0, handoff_rows(family, tokens, 1), return_all=True)
     assert_argmax(family.logits(tokens, exit=LAST)[0], got.tokens)
     full = Engine(family, limits=EngineLimits(max_sessions=2))
     assert engine.stats()["kv_bytes_total"] * 5 == full.stats()["kv_bytes_total"] * 2
@@ -488,10 +473,10 @@ def test_max_context_bounds_the_pool_and_the_positions_a_session_holds(family):
     assert engine.stats()["kv_bytes_total"] * 4 == full.stats()["kv_bytes_total"]
     tokens = prompt_of(24, seed=72)
     session, _ = engine.open_session("o", 0)
-    got = answer(engine, session, "o", 0, rows(family, tokens, 0), return_all=True)
+    got = answer(engine, session, "o", 0, handoff_rows(family, tokens, 0), return_all=True)
     assert_argmax(family.logits(tokens, exit=LAST)[0], got.tokens)  # 24 positions fit, exactly
     with pytest.raises(InvalidRequest, match="context of 24 positions"):
-        engine.submit_continue(session, "o", 24, rows(family, tokens + [5], 0)[-1:])
+        engine.submit_continue(session, "o", 24, handoff_rows(family, tokens + [5], 0)[-1:])
     with pytest.raises(InvalidRequest, match="1..23 tokens"):
         engine.submit_generate("o", tokens, 4, None, ())
     generation = engine.submit_generate("o", tokens[:20], 10, None, ())
@@ -502,7 +487,7 @@ def test_max_context_bounds_the_pool_and_the_positions_a_session_holds(family):
 def test_a_failed_forward_answers_its_requests_and_the_engine_goes_on(family, monkeypatch):
     engine = Engine(family, limits=EngineLimits(max_sessions=2))
     tokens = prompt_of(6, seed=81)
-    h = rows(family, tokens, 0)
+    h = handoff_rows(family, tokens, 0)
     session, _ = engine.open_session("o", 0)
     work = engine.submit_continue(session, "o", 0, h)
     generation = engine.submit_generate("o", tokens, 3, None, ())
@@ -550,62 +535,3 @@ def test_an_edge_engine_answers_with_its_exit_and_hands_on_its_rows():
             prompt.append(answer.tokens[-1])
     with pytest.raises(InvalidRequest, match="not before it"):
         engine.open_session("a", 1)
-
-
-def test_stage_seconds_account_for_each_step_and_charge_the_stage_that_took_the_time(family,
-                                                                                     monkeypatch):
-    """Catches: a stage timer that misses part of a step, or charges a slow forward to the wrong
-    stage (the per-stage figures would then point at the wrong code)."""
-    import time
-
-    engine = Engine(family, limits=EngineLimits(max_sessions=4))
-    sessions = [engine.open_session("o", 1)[0] for _ in range(3)]
-    prompts = [prompt_of(6 + i, seed=300 + i) for i in range(3)]
-    works = [engine.submit_continue(s, "o", 0, rows(family, p, 1))
-             for s, p in zip(sessions, prompts, strict=True)]
-    works.append(engine.submit_generate("o", prompt_of(5, seed=310), 4))
-    run_blocks = engine.model.run_blocks
-
-    def slow_blocks(*args, **kwargs):
-        time.sleep(0.02)
-        return run_blocks(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "run_blocks", slow_blocks)
-    wall = forwards = 0
-    while engine.has_work():
-        began = time.perf_counter()
-        engine.step()
-        wall += time.perf_counter() - began
-        chunks = engine.stats()["last_batch"]["chunks"]
-        forwards += len({(c["first_block"], c["kind"]) for c in chunks})  # one per group
-    assert all(w.done and w.error is None for w in works)
-    stages = engine.stats()["stage_seconds"]
-    assert set(stages) == {"schedule", "inputs", "blocks", "head", "answers"}
-    assert 0.95 * wall <= sum(stages.values()) <= wall, (stages, wall)
-    slept = 0.02 * forwards
-    assert stages["blocks"] >= slept >= 0.04, stages  # every forward's sleep, in `blocks`
-    assert all(seconds < slept for stage, seconds in stages.items() if stage != "blocks"), stages
-
-
-def test_a_failed_forward_is_charged_to_the_stage_it_failed_in(family, monkeypatch):
-    """Catches: the time of a forward that raised lost to the stage figures, or charged to the
-    next group's inputs (a failing model would look like slow input preparation)."""
-    import time
-
-    engine = Engine(family, limits=EngineLimits(max_sessions=2))
-    session, _ = engine.open_session("o", 1)
-    work = engine.submit_continue(session, "o", 0, rows(family, prompt_of(4, seed=320), 1))
-
-    def failing_blocks(*args, **kwargs):
-        time.sleep(0.05)
-        raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(engine.model, "run_blocks", failing_blocks)
-    began = time.perf_counter()
-    engine.step()
-    wall = time.perf_counter() - began
-    assert work.done and "out of memory" in str(work.error)
-    stages = engine.stats()["stage_seconds"]
-    assert stages["blocks"] >= 0.05 and stages["inputs"] < 0.05, stages
-    assert 0.95 * wall <= sum(stages.values()) <= wall, (stages, wall)
-
