@@ -25,7 +25,10 @@ request per row, the next sent only after the answer (the exit-mode pattern of a
    own tokens/s (part 1, same C) that reaches the clients. Servers: the engine in the server process (`workers=0`), engine worker
    processes (`--grpc-workers`, each with threads / workers torch threads), and the in-process
    engine limited to one row per step (`max_batch_rows=1`: one request at a time, the baseline;
-   up to --grpc-baseline-max clients, since it is slow by design).
+   up to --grpc-baseline-max clients, since it is slow by design). Clients send their requests
+   on a `ContinueStream` per session, as `GrpcTier` does; with --grpc-calls (the default) the
+   in-process engine and the front end alone are measured again with one `Continue` call per
+   request, which is what each request's call setup costs the server.
 3. Generation: the whole model from token ids, greedy, --gen-prompt prompt tokens and
    --gen-tokens new tokens: `Engine.submit_generate` stepped to completion, the same through
    `GrpcTier.generate`, and `transformers` `Qwen3ForCausalLM.generate` on the family's last member
@@ -58,7 +61,7 @@ from common import REPO, RESULTS, save_figure, transformers_model, write_json
 from throughput_arrivals import arrivals
 from throughput_engine import engine_level, engine_reference_tokens
 from throughput_generation import generation
-from throughput_grpc import FRONT_END_ALONE, grpc_level, serve_child, server_process
+from throughput_grpc import A_CALL_EACH, FRONT_END_ALONE, grpc_level, serve_child, server_process
 
 NAME = "cloud_throughput"
 TARGET_RATIO, TARGET_AT = 4.0, 32  # the target: batched >= 4x one at a time at 32 sessions
@@ -94,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grpc-baseline-max", type=int, default=32,
                         help="the gRPC one-at-a-time server (max_batch_rows=1) runs the client counts "
                              "up to this (0 = skip it); it is the slowest part (default: %(default)s)")
+    parser.add_argument("--grpc-calls", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the in-process engine and the front end alone with one "
+                             "Continue call per request instead of a ContinueStream per session "
+                             "(default: %(default)s)")
     parser.add_argument("--prompt", type=int, default=32, help="catch-up rows per session (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=32, help="engine decode steps per round (default: %(default)s)")
     parser.add_argument("--grpc-steps", type=int, default=32,
@@ -287,23 +294,31 @@ def main() -> None:
         print("\n== engine: batched vs one at a time", flush=True)
         engine_rows = engine_level(family, rows, args)
 
-        servers = [("in-process" if w == 0 else f"{w} workers", w, 2048, args.grpc_concurrency, False)
-                   for w in args.grpc_workers]
+        # (label, workers, rows per step, concurrency, no engine, streaming)
+        servers = [("in-process" if w == 0 else f"{w} workers", w, 2048, args.grpc_concurrency,
+                    False, True) for w in args.grpc_workers]
         baseline = [c for c in args.grpc_concurrency if c <= args.grpc_baseline_max]
         if baseline:  # the in-process engine, one row per step
-            servers.append(("one at a time", 0, 1, baseline, False))
-        servers.append((FRONT_END_ALONE, 0, 2048, args.grpc_concurrency, True))
+            servers.append(("one at a time", 0, 1, baseline, False, True))
+        servers.append((FRONT_END_ALONE, 0, 2048, args.grpc_concurrency, True, True))
+        if args.grpc_calls:  # what a Continue call per request costs against the streams
+            if 0 in args.grpc_workers:
+                servers.append((f"in-process, {A_CALL_EACH}", 0, 2048, args.grpc_concurrency,
+                                False, False))
+            servers.append((f"{FRONT_END_ALONE}, {A_CALL_EACH}", 0, 2048, args.grpc_concurrency,
+                            True, False))
         grpc = {}
-        for label, workers, batch_rows, concurrency, no_engine in servers:
+        for label, workers, batch_rows, concurrency, no_engine, streaming in servers:
             print(f"\n== gRPC: {label}", flush=True)
             opened = time.perf_counter()
             with server_process(family_dir, args, workers, batch_rows, max(args.grpc_concurrency),
-                                no_engine) as address:
+                                no_engine) as (address, pid):
                 ready = time.perf_counter() - opened
                 grpc[label] = {"workers": workers, "max_batch_rows": batch_rows, "server_start_s": ready,
                                "worker_torch_threads": max(1, args.threads // workers) if workers else None,
-                               "no_engine": no_engine,
-                               "rows": grpc_level(address, family_hash, rows, args, label, concurrency)}
+                               "no_engine": no_engine, "streaming": streaming,
+                               "rows": grpc_level(address, family_hash, rows, args, label,
+                                                  concurrency, streaming, pid)}
 
         print("\n== generation: engine vs transformers", flush=True)
         model = transformers_model(family, work)
@@ -376,6 +391,12 @@ def main() -> None:
                                     "gRPC could deliver of the engine's tokens/s here",
             "grpc_one_at_a_time": "the in-process engine with EngineLimits(max_batch_rows=1): one row per "
                                   "engine step",
+            "server_cpu_ms_per_request": "CPU of the server process and its engine workers over a "
+                                         "gRPC run (catch-up, warm-up and timed rounds) per request "
+                                         "of the run",
+            "client_cpu_ms_per_request": "CPU of the clients in their timed rounds per timed request",
+            "streaming": "true: each client sends its requests on one ContinueStream per session (what "
+                         "GrpcTier does); false ('a call each'): one Continue call per request",
             "token_agreement": "fraction of greedy tokens equal between the two ways (near ties of "
                                "batched float noise aside, 1.0)",
             "generation": "new tokens / wall seconds of one call, prompt included, greedy; median over "
@@ -388,6 +409,24 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - started})
     save_figure(plot(engine_rows, grpc, gen, args), args.name)
     print(f"\nwrote {path} and {RESULTS / (args.name + '.png')} in {time.perf_counter() - started:.0f} s")
+    differing = different_tokens(engine_rows, grpc, gen)
+    if differing:
+        raise SystemExit("paths that should give the same tokens did not: " + "; ".join(differing)
+                         + f" (see {path})")
+
+
+def different_tokens(engine_rows: list[dict], grpc: dict, gen: dict) -> list[str]:
+    """Every timed path whose greedy tokens are not all its reference's: batched against one at
+    a time, gRPC against the engine, the engine against transformers. (The static batch of the
+    serving part is left out: its left padding moves positions, so near ties may flip.)"""
+    differing = [f"engine batched at {r['sessions']}: {r['token_agreement_batched_vs_one']:.3f}"
+                 for r in engine_rows if r["token_agreement_batched_vs_one"] < 1]
+    differing += [f"gRPC {label} at {r['clients']}: {r['token_agreement_vs_engine']:.3f}"
+                  for label, data in grpc.items() for r in data["rows"]
+                  if r.get("token_agreement_vs_engine", 1) < 1]
+    differing += [f"generation {label}: {same:.3f}"
+                  for label, same in gen["token_agreement_vs_transformers"].items() if same < 1]
+    return differing
 
 
 

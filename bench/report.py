@@ -183,6 +183,10 @@ def cloud_throughput(data: dict) -> list[str]:
         rows.append([f"gRPC, {name} ({unit})", *by_sessions(server, lambda r: rate(r["tokens_per_s"]))])
         rows.append([f"gRPC, {name}: p50 / p99 ms per call", *by_sessions(
             server, lambda r: f"{ms(r['latency']['p50_ms'])} / {ms(r['latency']['p99_ms'])}")])
+        if any(r.get("server_cpu_ms_per_request") is not None for r in server.values()):
+            rows.append([f"gRPC, {name}: CPU ms per request, server / clients", *by_sessions(
+                server, lambda r: " / ".join("–" if v is None else f"{v:.2f}" for v in (
+                    r.get("server_cpu_ms_per_request"), r.get("client_cpu_ms_per_request"))))])
         if any("over_engine_batched" in r for r in server.values()):
             rows.append([f"gRPC, {name} ÷ engine, batched{share}", *by_sessions(
                 server, lambda r: percent(r.get("over_engine_batched")))])

@@ -34,7 +34,7 @@ def generation(family, family_dir: Path, model, args) -> dict:
     def run_hf(batch: int) -> list[list[int]]:
         return transformers_greedy(model, prompts[:batch], new)
 
-    with server_process(family_dir, args, 0, 2048, args.gen_batch) as address:
+    with server_process(family_dir, args, 0, 2048, args.gen_batch) as (address, _):
         tier = GrpcTier(address, timeout=600.0)
         family_hash = family.family_hash()
 

@@ -2,7 +2,8 @@
 clients, each in a process of its own as devices are (bench/cloud_throughput.py, part 2).
 
 A client opens its own channel and session, catches up a prompt in one request, then runs rounds
-of single-row decode calls, the next sent after the answer (a device in exit mode). All clients
+of single-row decode requests, the next sent after the answer (a device in exit mode): on the
+session's `ContinueStream`, or with `streaming=False` one `Continue` call each. All clients
 start each round together (a barrier across the processes); a round's tokens/s is every client's
 calls over the round's wall time, from the first client's start to the last one's end, timed with
 `time.perf_counter` (CLOCK_MONOTONIC on Linux: one clock for every process of the machine).
@@ -33,6 +34,7 @@ from throughput_engine import context, latency_summary
 
 READY = "cloud_throughput server listening on "
 FRONT_END_ALONE = "front end alone"  # the server kind over NoEngine
+A_CALL_EACH = "a call each"  # clients send a Continue call per request, not a stream
 SCRIPT = REPO / "bench" / "cloud_throughput.py"  # runs serve_child with --serve-spec
 
 
@@ -92,7 +94,7 @@ class NoEngine:
 def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, max_sessions: int,
                    no_engine: bool = False):
     """A tier server in a child process (its front end over `NoEngine` with `no_engine`); yields
-    its address."""
+    (its address, its pid)."""
     spec = dict(family_dir=str(family_dir), threads=args.threads, workers=workers,
                 max_sessions=max_sessions, max_rows=max(args.prompt, args.gen_prompt),
                 max_batch_rows=max_batch_rows, max_context=context(args), no_engine=no_engine)
@@ -109,7 +111,7 @@ def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, ma
                 break
         if address is None:
             raise RuntimeError(f"the server process exited ({child.wait()}) before listening")
-        yield address
+        yield address, child.pid
     finally:
         child.stdin.close()
         try:
@@ -120,12 +122,12 @@ def server_process(family_dir: Path, args, workers: int, max_batch_rows: int, ma
 
 
 def run_client(address: str, family_hash: str, rows: np.ndarray, prompt: int, steps: int,
-               rounds: int, barrier) -> dict:
+               rounds: int, barrier, streaming: bool = True) -> dict:
     """One client: catch up, then `rounds` rounds of `steps` decode calls (round 0 warms up).
     Its spans (monotonic seconds), each timed call's latency, and the last round's tokens."""
     from flow.tier_client import GrpcTier
 
-    tier = GrpcTier(address, timeout=600.0)
+    tier = GrpcTier(address, timeout=600.0, streaming=streaming)
     try:
         session = tier.open(family_hash, 0)
         barrier.wait(600)
@@ -133,9 +135,10 @@ def run_client(address: str, family_hash: str, rows: np.ndarray, prompt: int, st
         session.continue_(0, rows[:prompt])
         mine = {"catch_up": (started, time.perf_counter()), "spans": [], "latencies": [],
                 "tokens": []}
+        cpu = 0.0  # this client's CPU seconds in its timed rounds
         for r in range(rounds):
             barrier.wait(600)
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             for n in range(steps):
                 sent = time.perf_counter()
                 answer = session.continue_(prompt + n, rows[prompt + n:prompt + n + 1],
@@ -145,6 +148,9 @@ def run_client(address: str, family_hash: str, rows: np.ndarray, prompt: int, st
                 if r == rounds - 1:
                     mine["tokens"] += answer.tokens
             mine["spans"].append((began, time.perf_counter()))
+            if r:
+                cpu += time.process_time() - cpu_began
+        mine["cpu_s"] = cpu
         # Nobody closes or exits before every client is done: a process tearing down takes CPU
         # from the clients still timing their last round.
         barrier.wait(600)
@@ -158,20 +164,21 @@ def run_client(address: str, family_hash: str, rows: np.ndarray, prompt: int, st
 
 
 def _client_process(index: int, address: str, family_hash: str, rows_file: str, prompt: int,
-                    steps: int, rounds: int, barrier, results, cpus: list[int] | None) -> None:
+                    steps: int, rounds: int, barrier, results, cpus: list[int] | None,
+                    streaming: bool) -> None:
     """A client process (on `cpus`, when given): its result (or its traceback) goes to `results`."""
     try:
         if cpus:
             os.sched_setaffinity(0, cpus)
         rows = np.load(rows_file, mmap_mode="r")[index]
         results.put((index, run_client(address, family_hash, np.ascontiguousarray(rows), prompt,
-                                       steps, rounds, barrier), None))
+                                       steps, rounds, barrier, streaming), None))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results.put((index, None, traceback.format_exc()))
 
 
 def _in_processes(address: str, family_hash: str, rows: np.ndarray, clients: int, args,
-                  rounds: int) -> list[dict]:
+                  rounds: int, streaming: bool) -> list[dict]:
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each, as a device has
     barrier, results = spawn.Barrier(clients), spawn.Queue()
     with tempfile.TemporaryDirectory(prefix="throughput-rows-") as temp:
@@ -180,7 +187,7 @@ def _in_processes(address: str, family_hash: str, rows: np.ndarray, clients: int
         processes = [spawn.Process(target=_client_process, daemon=True,
                                    args=(i, address, family_hash, rows_file, args.prompt,
                                          args.grpc_steps, rounds, barrier, results,
-                                         args.client_cpus))
+                                         args.client_cpus, streaming))
                      for i in range(clients)]
         for process in processes:
             process.start()
@@ -199,20 +206,40 @@ def _in_processes(address: str, family_hash: str, rows: np.ndarray, clients: int
 
 
 def _in_threads(address: str, family_hash: str, rows: np.ndarray, clients: int, args,
-                rounds: int) -> list[dict]:
+                rounds: int, streaming: bool) -> list[dict]:
     barrier = threading.Barrier(clients)
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(run_client, address, family_hash, rows[i], args.prompt,
-                               args.grpc_steps, rounds, barrier) for i in range(clients)]
+                               args.grpc_steps, rounds, barrier, streaming) for i in range(clients)]
         return [future.result() for future in futures]
 
 
-def grpc_run(address: str, family_hash: str, rows: np.ndarray, clients: int, args) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its live descendants (engine workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def grpc_run(address: str, family_hash: str, rows: np.ndarray, clients: int, args,
+             streaming: bool = True, server_pid: int | None = None) -> dict:
     """`clients` clients (args.clients_in: processes or threads), each its own channel and
-    session: catch up, then rounds of decode calls."""
+    session: catch up, then rounds of decode requests (on streams, or a call each). CPU per
+    request: the server's (`server_pid` and its workers) over the whole run, every request
+    counted; the clients' over their timed rounds."""
     rounds = args.rounds + 1  # round 0 warms up
     run = _in_processes if args.clients_in == "processes" else _in_threads
-    outcomes = run(address, family_hash, rows, clients, args, rounds)
+    server_cpu = cpu_seconds(server_pid) if server_pid else None
+    outcomes = run(address, family_hash, rows, clients, args, rounds, streaming)
+    requests = clients * (1 + rounds * args.grpc_steps)
+    if server_pid:
+        server_cpu = (cpu_seconds(server_pid) - server_cpu) / requests
     walls = [max(o["spans"][r][1] for o in outcomes) - min(o["spans"][r][0] for o in outcomes)
              for r in range(1, rounds)]
     per_round = [clients * args.grpc_steps / wall for wall in walls]
@@ -220,15 +247,26 @@ def grpc_run(address: str, family_hash: str, rows: np.ndarray, clients: int, arg
     return {"clients": clients, "tokens_per_s": statistics.median(per_round),
             "tokens_per_s_rounds": per_round, "catch_up_rows_per_s": clients * args.prompt / catch_wall,
             "latency": latency_summary([x for o in outcomes for x in o["latencies"]]),
+            "server_cpu_ms_per_request": None if server_cpu is None else server_cpu * 1e3,
+            # (client threads share one process clock: no figure per client then)
+            "client_cpu_ms_per_request": None if args.clients_in == "threads" else
+            1e3 * sum(o["cpu_s"] for o in outcomes) / (clients * args.rounds * args.grpc_steps),
             "tokens": [o["tokens"] for o in outcomes]}
 
 
 def grpc_level(address: str, family_hash: str, rows: np.ndarray, args, label: str,
-               concurrency: list[int]) -> list[dict]:
+               concurrency: list[int], streaming: bool = True,
+               server_pid: int | None = None) -> list[dict]:
     results = []
     for clients in concurrency:
-        row = grpc_run(address, family_hash, rows, clients, args)
+        row = grpc_run(address, family_hash, rows, clients, args, streaming, server_pid)
         results.append(row)
+        server_cpu = row["server_cpu_ms_per_request"]
         print(f"   {label} C={clients:>3}: {row['tokens_per_s']:7.0f} tok/s, p50 {row['latency']['p50_ms']:6.1f} ms, "
-              f"p99 {row['latency']['p99_ms']:6.1f} ms", flush=True)
+              f"p99 {row['latency']['p99_ms']:6.1f} ms; CPU ms per request: server "
+              f"{_ms(server_cpu)}, client {_ms(row['client_cpu_ms_per_request'])}", flush=True)
     return results
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -54,7 +54,9 @@ class _EngineCollector:
 class TierMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("flow_requests", "RPCs answered, by method and status code",
+        # a ContinueStream's messages count as Continue calls: one request, one answer each
+        self.requests = Counter("flow_requests", "RPCs answered, by method and status code "
+                                "(each ContinueStream message as a Continue)",
                                 ["method", "code"], registry=self.registry)
         self.latency = Histogram("flow_request_duration_seconds", "RPC latency", ["method"],
                                  registry=self.registry,

@@ -125,12 +125,25 @@ class TierService(tier_pb2_grpc.TierServicer):
     async def Continue(self, request, context):
         owner = await self._owner(context)
         async with _status(context):
-            rows = tensor_to_rows(request.hidden)
-            self.metrics.rows_received.inc(len(rows))
-            answer = await self.engine.continue_(
-                request.session_id, owner, int(request.start), rows,
-                return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
-                rollback=request.rollback)
+            return await self._continue(owner, request)
+
+    async def ContinueStream(self, requests, context):
+        """Continue, one answer per request on a stream the caller keeps open. Each message is
+        counted and timed as a Continue call; a refusal ends the stream with its status."""
+        owner = await self._owner(context)
+        async for request in requests:
+            with _counted(self.metrics, "Continue", context):
+                async with _status(context):
+                    answer = await self._continue(owner, request)
+            yield answer
+
+    async def _continue(self, owner: str, request) -> tier_pb2.ContinueResponse:
+        rows = tensor_to_rows(request.hidden)
+        self.metrics.rows_received.inc(len(rows))
+        answer = await self.engine.continue_(
+            request.session_id, owner, int(request.start), rows,
+            return_all=request.returns == tier_pb2.RETURNS_ALL, top_k=int(request.top_k),
+            rollback=request.rollback)
         return answer.to_pb(self.config.name)
 
     @_observed

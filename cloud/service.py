@@ -88,7 +88,9 @@ def build(spec: TierSpec, family=None,
 
         next_tier = spec.next_address
         if isinstance(next_tier, str):
-            next_tier = GrpcTier(next_tier, token=spec.next_token)
+            # a call per request: an open stream holds two threads per session, and an edge
+            # forwards for many devices' sessions at once
+            next_tier = GrpcTier(next_tier, token=spec.next_token, streaming=False)
         engine = EdgeEngineClient(engine, next_tier, ExitPolicy(spec.policy, spec.threshold),
                                   family.family_hash(), spec.to_exit, config.hidden_size,
                                   config.max_seq_len)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 
 import grpc
@@ -36,14 +38,23 @@ class GrpcTier:
     per call, and for a streamed generate the longest wait for its next token: a tier that stops
     answering (frozen, or a link gone quiet) is `TierUnavailable` after that long, however long
     the generation. The channel sends keepalive pings, so a dead link is noticed while idle too.
+
+    streaming: each session sends its requests on a `ContinueStream` it keeps open (gRPC holds a
+    thread per open stream to send them), which costs the tier less per request than a call each;
+    False, or a tier without that method, gets one `Continue` call per request. The answers are
+    the same.
     """
 
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0,
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None, options: list | None = None):
+                 certificate_chain: bytes | None = None, options: list | None = None,
+                 streaming: bool = True):
         self.address = address
         self.name = "cloud"
         self.timeout = timeout
+        self.streaming = streaming
+        self.watchdog = _Watchdog(tick=min(0.25, timeout / 4))
+        self._streams: weakref.WeakSet[_ContinueStream] = weakref.WeakSet()  # open ones
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = options or [("grpc.max_receive_message_length", 64 << 20),
                               ("grpc.max_send_message_length", 64 << 20),
@@ -90,7 +101,7 @@ class GrpcTier:
                                   metadata=self._metadata)
         # gRPC's blocking iterator takes no per-message deadline: a thread reads the stream and
         # the caller waits for each message at most `timeout` seconds.
-        messages: queue.Queue = queue.Queue()
+        messages: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=_read_stream, args=(call, messages), daemon=True,
                          name="flow-generate-stream").start()
         try:
@@ -109,10 +120,12 @@ class GrpcTier:
             call.cancel()  # a no-op once the stream ended; else the tier stops generating
 
     def close(self) -> None:
+        for stream in list(self._streams):  # gRPC's threads sending their requests end too
+            stream.close()
         self.channel.close()
 
 
-def _read_stream(call, messages: queue.Queue) -> None:
+def _read_stream(call, messages: queue.SimpleQueue) -> None:
     """Put each token of a Generate stream on `messages`, then ("end", None) or ("error", err)."""
     try:
         for message in call:
@@ -122,12 +135,96 @@ def _read_stream(call, messages: queue.Queue) -> None:
         messages.put(("error", err))
 
 
+_END = object()  # ends a ContinueStream's requests
+
+
+class _Watchdog:
+    """Cancels the streams whose answer is overdue: gRPC's blocking iterator takes no deadline per
+    message. One thread per tier, asleep while no answer is awaited, else looking every `tick`
+    seconds (so a stream is cancelled at most `tick` after its deadline)."""
+
+    def __init__(self, tick: float):
+        self.tick = tick
+        self._lock = threading.Lock()
+        self._due: dict[int, tuple[float, _ContinueStream]] = {}
+        self._awaited = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, stream: _ContinueStream, seconds: float) -> None:
+        with self._lock:
+            self._due[id(stream)] = (time.monotonic() + seconds, stream)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="flow-watchdog")
+                self._thread.start()
+        self._awaited.set()
+
+    def forget(self, stream: _ContinueStream) -> None:
+        with self._lock:
+            self._due.pop(id(stream), None)
+
+    def _run(self) -> None:
+        while True:
+            self._awaited.wait()
+            time.sleep(self.tick)
+            now = time.monotonic()
+            with self._lock:
+                overdue = [stream for due, stream in self._due.values() if due <= now]
+                for stream in overdue:
+                    del self._due[id(stream)]
+                if not self._due:
+                    self._awaited.clear()
+            for stream in overdue:
+                stream.overdue = True
+                stream.call.cancel()
+
+
+class _ContinueStream:
+    """An open `ContinueStream`: `ask` sends one request and waits at most the tier's `timeout`
+    for its answer, in the caller's thread (the tier's watchdog cancels a stream left waiting).
+    After an error the stream is over; the session opens another."""
+
+    def __init__(self, tier: GrpcTier):
+        self.address, self.timeout, self.watchdog = tier.address, tier.timeout, tier.watchdog
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # gRPC sends what this iterator yields from a thread of its own, for as long as it yields
+        self.call = tier.stub.ContinueStream(iter(self._requests.get, _END), metadata=tier._metadata)
+        self.answered = 0
+        self.overdue = False
+        tier._streams.add(self)
+
+    def ask(self, request) -> tier_pb2.ContinueResponse:
+        """The answer to `request`; `TierUnavailable` when none came within `timeout` (the
+        stream is cancelled, so the tier drops the request) or the tier ended the stream, the
+        call's `grpc.RpcError` when it failed."""
+        self._requests.put(request)
+        self.watchdog.watch(self, self.timeout)
+        try:
+            answer = next(self.call)
+        except StopIteration:
+            raise TierUnavailable(f"next tier unavailable: {self.address} ended the stream "
+                                  f"without answering") from None
+        except grpc.RpcError:
+            if self.overdue:
+                raise TierUnavailable(f"next tier unavailable: no answer from {self.address} "
+                                      f"for {self.timeout:g} s") from None
+            raise
+        finally:
+            self.watchdog.forget(self)
+        self.answered += 1
+        return answer
+
+    def close(self) -> None:
+        """End the requests: the tier finishes the stream."""
+        self._requests.put(_END)
+
+
 class GrpcSession:
     """A `flow.tier.TierSession` held by a `GrpcTier`."""
 
     def __init__(self, tier: GrpcTier, session_id: str, frontier: int, codec: str, max_rows: int = 0):
         self.tier, self.session_id, self.frontier, self.codec = tier, session_id, frontier, codec
         self.max_rows = max_rows  # what the server accepts per request (0: it did not say)
+        self._stream: _ContinueStream | None = None
 
     def continue_(self, start: int, rows: np.ndarray, return_all: bool = False, top_k: int = 0,
                   rollback: bool = False) -> Answer:
@@ -135,11 +232,36 @@ class GrpcSession:
         request = tier_pb2.ContinueRequest(
             session_id=self.session_id, start=start, hidden=tensor, top_k=top_k, rollback=rollback,
             returns=tier_pb2.RETURNS_ALL if return_all else tier_pb2.RETURNS_LAST)
-        answer = Answer.from_pb(self.tier._call(self.tier.stub.Continue, request),
-                                      bytes_sent=request.ByteSize())
+        answer = Answer.from_pb(self._ask(request), bytes_sent=request.ByteSize())
         answer.tier = answer.tier or self.tier.name
         self.frontier = answer.frontier
         return answer
+
+    def _ask(self, request) -> tier_pb2.ContinueResponse:
+        """The tier's answer to a ContinueRequest, on this session's stream when streaming."""
+        if not self.tier.streaming:
+            return self.tier._call(self.tier.stub.Continue, request)
+        if self._stream is None:
+            self._stream = _ContinueStream(self.tier)
+            # ends the stream when it is dropped, or when the session is (closed or not)
+            self._end_stream = weakref.finalize(self, self._stream.close)
+        stream = self._stream
+        try:
+            return stream.ask(request)
+        except TierUnavailable:
+            self._drop_stream()
+            raise
+        except grpc.RpcError as err:
+            self._drop_stream()
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED and not stream.answered:
+                self.tier.streaming = False  # a tier without ContinueStream: a call each
+                return self.tier._call(self.tier.stub.Continue, request)
+            raise translate(err) from None
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._end_stream()  # once: gRPC's thread sending the requests waits for the end
+            self._stream = None
 
     def rollback(self, position: int) -> int:
         answer = self.tier._call(self.tier.stub.Rollback, tier_pb2.RollbackRequest(
@@ -148,5 +270,6 @@ class GrpcSession:
         return self.frontier
 
     def close(self) -> None:
+        self._drop_stream()
         self.tier._call(self.tier.stub.CloseSession,
                         tier_pb2.CloseSessionRequest(session_id=self.session_id))

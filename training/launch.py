@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flow.cores import threads_per_process
 from flow.errors import FlowError
 from training import run_dir
 from training.config import TrainConfig
@@ -51,7 +52,7 @@ def run_ranks(plan: RunPlan, stop_after: int | None = None) -> None:
     """Start torchrun with one process per rank and wait for it."""
     world = plan.config.parallel.world_size
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(world)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={world}", "-m", "training.trainer", str(plan.run_dir)]
     if stop_after is not None:

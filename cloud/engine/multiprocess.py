@@ -48,6 +48,7 @@ from cloud.engine.frames import (
     unpack,
 )
 from cloud.engine.keys import WorkerKey
+from flow.cores import threads_per_process
 from flow.errors import ConfigError
 from flow.tier import Answer, SamplingParams, SessionLost, TierError, TierUnavailable
 
@@ -171,8 +172,8 @@ class MultiprocessEngineClient:
         # The key goes in a file only this user can reach, never on a command line (`ps`).
         key_file = self._private_dir / "worker.key"
         self.worker_key.save(key_file)
-        # Workers share the machine: split its cores between them rather than oversubscribe.
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.local_workers))
+        # Workers share this process's cores: split them rather than oversubscribe.
+        threads = threads_per_process(self.local_workers)
         for _ in range(self.local_workers):
             self._processes.append(subprocess.Popen(
                 [sys.executable, "-m", "cloud.engine.worker", str(self.family_dir),

@@ -45,6 +45,11 @@ class TierStub:
                 request_serializer=flow_dot_v1_dot_tier__pb2.ContinueRequest.SerializeToString,
                 response_deserializer=flow_dot_v1_dot_tier__pb2.ContinueResponse.FromString,
                 _registered_method=True)
+        self.ContinueStream = channel.stream_stream(
+                '/flow.v1.Tier/ContinueStream',
+                request_serializer=flow_dot_v1_dot_tier__pb2.ContinueRequest.SerializeToString,
+                response_deserializer=flow_dot_v1_dot_tier__pb2.ContinueResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/flow.v1.Tier/Rollback',
                 request_serializer=flow_dot_v1_dot_tier__pb2.RollbackRequest.SerializeToString,
@@ -78,6 +83,17 @@ class TierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ContinueStream(self, request_iterator, context):
+        """Continue as a stream a caller keeps open: each ContinueRequest is answered by one
+        ContinueResponse, in order, exactly as Continue would answer it. It saves each call's setup
+        (a device asks once per token). A refusal ends the stream with the status Continue would
+        answer; the caller's next request opens a new stream. Messages may name any of the
+        caller's sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rollback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -107,6 +123,11 @@ def add_TierServicer_to_server(servicer, server):
             ),
             'Continue': grpc.unary_unary_rpc_method_handler(
                     servicer.Continue,
+                    request_deserializer=flow_dot_v1_dot_tier__pb2.ContinueRequest.FromString,
+                    response_serializer=flow_dot_v1_dot_tier__pb2.ContinueResponse.SerializeToString,
+            ),
+            'ContinueStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ContinueStream,
                     request_deserializer=flow_dot_v1_dot_tier__pb2.ContinueRequest.FromString,
                     response_serializer=flow_dot_v1_dot_tier__pb2.ContinueResponse.SerializeToString,
             ),
@@ -179,6 +200,33 @@ class Tier:
             request,
             target,
             '/flow.v1.Tier/Continue',
+            flow_dot_v1_dot_tier__pb2.ContinueRequest.SerializeToString,
+            flow_dot_v1_dot_tier__pb2.ContinueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContinueStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/flow.v1.Tier/ContinueStream',
             flow_dot_v1_dot_tier__pb2.ContinueRequest.SerializeToString,
             flow_dot_v1_dot_tier__pb2.ContinueResponse.FromString,
             options,

@@ -125,3 +125,27 @@ def test_a_worker_that_cannot_build_its_engine_says_why(device_family, tmp_path)
     with pytest.raises(TierUnavailable, match="no-such-policy"):
         asyncio.run(client.start())
     assert time.monotonic() - began < 60
+
+
+def test_local_workers_share_the_cores_the_front_end_may_use(device_family):
+    """Catches: worker threads sized from the host's core count where the front end may run on
+    fewer (taskset, a container's cpuset): two threads on one core, each step waiting for the
+    thread that lost its core."""
+    family_dir, family = device_family
+    allowed = os.sched_getaffinity(0)
+    client = MultiprocessEngineClient(None, family.family_hash(), EngineConfig(), family_dir,
+                                      local_workers=1)
+
+    async def started_command() -> list[str]:
+        await client.start()
+        try:
+            return client._processes[0].args
+        finally:
+            await client.stop()
+
+    os.sched_setaffinity(0, {min(allowed)})  # the workers inherit it
+    try:
+        command = asyncio.run(started_command())
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert command[command.index("--threads") + 1] == "1", command

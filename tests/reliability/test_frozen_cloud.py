@@ -1,10 +1,14 @@
-"""A `cloud`-mode device whose tier freezes: it falls back to its member after one message
-deadline, not after a deadline that grows with the generation's length."""
+"""A tier that freezes costs its caller one message deadline: a `cloud`-mode device falls back to
+its member after it, not after a deadline that grows with the generation's length, and a request
+on a session's open `ContinueStream` fails after it."""
 
 import signal
 import time
 
+import pytest
+
 from device import DeviceClient
+from flow.tier import TierUnavailable
 from flow.tier_client import GrpcTier
 from greedy import greedy
 from runs import start_flow_serve
@@ -29,3 +33,31 @@ def test_a_frozen_tier_costs_a_cloud_mode_client_one_message_deadline(device_fam
         process.wait(10)
     assert elapsed < 10, elapsed
     assert all(result.offline) and result.tokens == greedy(family, 0, PROMPT, 40)
+
+
+def test_a_frozen_tier_costs_a_request_on_an_open_stream_one_deadline(device_family):
+    """Catches: a request on a session's open `ContinueStream` waiting for its answer for as
+    long as the tier is frozen (gRPC's stream iterator has no deadline per message)."""
+    family_dir, family = device_family
+    process, address = start_flow_serve(family_dir)
+    tier = GrpcTier(address, timeout=2.0)
+    rows = family.handoff(PROMPT, exit=0)[0].numpy()
+    try:
+        session = tier.open(family.family_hash(), 0)
+        session.continue_(0, rows[:2])  # the stream is open
+        process.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        with pytest.raises(TierUnavailable, match="no answer"):
+            session.continue_(2, rows[2:3])
+        elapsed = time.monotonic() - began
+        process.send_signal(signal.SIGCONT)
+        # the session goes on, on a new stream (rolled back: the tier may have served the
+        # request it read on waking before it read the cancellation)
+        answer = session.continue_(2, rows[2:], rollback=True)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        tier.close()
+        process.kill()
+        process.wait(10)
+    assert 2 <= elapsed < 4, elapsed
+    assert answer.tokens == greedy(family, 2, PROMPT, 1)
