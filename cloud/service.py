@@ -51,12 +51,21 @@ def build(spec: TierSpec, family=None,
           engine: EngineClient | None = None) -> tuple[TierServer, EngineClient]:
     """The server and its engine client for `spec` (neither started): the engine in this process
     or in worker processes, wrapped by an edge's forwarding when the tier stops before the full
-    model. `engine` serves instead when given (a benchmark's or a test's engine client)."""
+    model. `engine` serves instead when given (a benchmark's or a test's engine client). With
+    workers and no `family` given, this process reads the family's manifest (and checks its
+    weights file against it) but does not load the weights: only the workers hold them."""
     from flow.errors import ConfigError
-    from flow.family import Family
 
-    family = family or Family.load(spec.family_dir)
-    config = family.config
+    if family is None and (spec.workers or spec.endpoint):
+        from flow.artifact import read_manifest
+
+        manifest = read_manifest(spec.family_dir)
+        config, family_hash = manifest.config, manifest.family_hash
+    else:
+        from flow.family import Family
+
+        family = family or Family.load(spec.family_dir)
+        config, family_hash = family.config, family.family_hash()
     config.check_exit(spec.from_exit)
     if spec.to_exit is not None:
         config.check_exit(spec.to_exit)  # here, not first in a worker process
@@ -80,7 +89,7 @@ def build(spec: TierSpec, family=None,
                           f"HOST:PORT of the tier to forward to")
     engine_config = EngineConfig(limits, to_exit=spec.to_exit if edge else None, policy=spec.policy)
     if engine is None:
-        engine = _engine_client(spec, family, engine_config, metrics)
+        engine = _engine_client(spec, family, family_hash, engine_config, metrics)
     if edge:
         from cloud.edge import EdgeEngineClient
         from flow.confidence import ExitPolicy
@@ -88,29 +97,30 @@ def build(spec: TierSpec, family=None,
 
         next_tier = spec.next_address
         if isinstance(next_tier, str):
-            # a call per request: an open stream holds two threads per session, and an edge
-            # forwards for many devices' sessions at once
+            # a call per request: an open stream holds one of gRPC's threads, and an edge
+            # forwards many devices' sessions at once
             next_tier = GrpcTier(next_tier, token=spec.next_token, streaming=False)
         engine = EdgeEngineClient(engine, next_tier, ExitPolicy(spec.policy, spec.threshold),
-                                  family.family_hash(), spec.to_exit, config.hidden_size,
+                                  family_hash, spec.to_exit, config.hidden_size,
                                   config.max_seq_len)
     server = spec.server
     if server.max_receive_bytes is None:
         server = dataclasses.replace(server, max_receive_bytes=largest_request_bytes(limits, config))
-    service = TierService(engine, family.family_hash(), config.vocab_size, server,
+    service = TierService(engine, family_hash, config.vocab_size, server,
                           max_rows=limits.max_rows_per_request, metrics=metrics)
     return TierServer(service, server), engine
 
 
-def _engine_client(spec: TierSpec, family, engine_config: EngineConfig,
+def _engine_client(spec: TierSpec, family, family_hash: str, engine_config: EngineConfig,
                    metrics: TierMetrics) -> EngineClient:
-    """The engine of `spec`: in worker processes, or on a thread of this process."""
+    """The engine of `spec`: in worker processes (`family` may be None then), or on a thread of
+    this process."""
     if spec.workers or spec.endpoint:
         from cloud.engine.keys import WorkerKey
         from cloud.engine.multiprocess import MultiprocessEngineClient
 
         worker_key = WorkerKey.load(spec.worker_key) if spec.worker_key is not None else None
-        return MultiprocessEngineClient(spec.endpoint, family.family_hash(), engine_config,
+        return MultiprocessEngineClient(spec.endpoint, family_hash, engine_config,
                                         spec.family_dir, spec.workers,
                                         on_step=metrics.observe_step, worker_key=worker_key)
     from cloud.engine.core import Engine

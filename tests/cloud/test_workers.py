@@ -149,3 +149,22 @@ def test_local_workers_share_the_cores_the_front_end_may_use(device_family):
     finally:
         os.sched_setaffinity(0, allowed)
     assert command[command.index("--threads") + 1] == "1", command
+
+
+def test_a_front_end_with_workers_does_not_load_the_weights(device_family, monkeypatch):
+    """Catches: a front end that holds a copy of the weights its workers serve (SmolLM2: 0.9 GB
+    in a process that never runs the model)."""
+    from flow.family import Family
+
+    family_dir, family = device_family
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the front end loaded the family's weights")
+
+    monkeypatch.setattr(Family, "load", refuse)  # in this process; the workers are others
+    spec = TierSpec(family_dir, 0, EngineLimits(max_sessions=4), ServerConfig(port=0), workers=1)
+    with ServerThread(spec) as address:
+        client = DeviceClient(family_dir, exit=0, cloud=address, mode="exit", threshold=1.5)
+        result = client.complete(PROMPTS[0], max_new_tokens=6, ignore_eos=True)
+    assert not any(result.offline)
+    assert check_same_greedy(family, 2, PROMPTS[0], result.tokens, 6) == []
