@@ -342,16 +342,32 @@ def _model_from_tensors(config: FamilyConfig, tensors: dict[str, Tensor], where:
 
 
 def _read_tokenizer(path: str | Path | None, name: str | None = None) -> tuple[str | None, str | None]:
-    """The tokenizer's JSON and a name for it (default: its vocabulary size and content hash)."""
+    """The tokenizer's JSON and a name for it. By default: the name a family gave it, when the
+    file is that family's tokenizer (a family trained from an imported one keeps its
+    tokenizer's name), else its vocabulary size and content hash."""
     if path is None:
         return None, None
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"tokenizer file {path} does not exist; build one with `flow tokenizer`")
     text = path.read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
     if name is None:
-        name = f"bpe{vocab_size_of(text)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        name = _family_tokenizer_name(path.parent, digest)
+    if name is None:
+        name = f"bpe{vocab_size_of(text)}-{digest[:12]}"
     return text, name
+
+
+def _family_tokenizer_name(directory: Path, digest: str) -> str | None:
+    """The name the family in `directory` records for the tokenizer of hash `digest`, if any."""
+    if not (directory / artifact.FAMILY_JSON).is_file():
+        return None
+    try:
+        recorded = artifact.read_manifest(directory, verify=False, weights=False).tokenizer
+    except (ArtifactError, ConfigError):
+        return None  # not a readable family: the tokenizer is named as any other file
+    return recorded.name if recorded is not None and recorded.sha256 == digest else None
 
 
 def _check_tokenizer_fits(tokenizer, config: FamilyConfig) -> None:

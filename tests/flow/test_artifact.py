@@ -181,6 +181,23 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, tiny_family, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_family_built_from_another_family_s_tokenizer_keeps_its_name(tmp_path, tiny_family):
+    """Catches: training from an imported family (its tokenizer.json) renaming the tokenizer
+    `bpe<size>-<hash>`, so that `flow info` no longer says which tokenizer it is."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(tmp_path / "tok.json"))
+    text, _ = _read_tokenizer(tmp_path / "tok.json")
+    Family(tiny_family.model, tokenizer_json=text, tokenizer_name="gguf-Some-Model-Q8_0").save(
+        tmp_path / "imported")
+    trained = Family.random(tiny_family.config, tokenizer=tmp_path / "imported" / "tokenizer.json")
+    assert trained.tokenizer_name == "gguf-Some-Model-Q8_0"
+    # the same file elsewhere, or another file beside a family, is named by its content
+    assert _read_tokenizer(tmp_path / "tok.json")[1].startswith("bpe")
+    (tmp_path / "imported" / "tokenizer.json").write_text(text.replace('"a"', '"z"'))
+    assert _read_tokenizer(tmp_path / "imported" / "tokenizer.json")[1].startswith("bpe")
+
+
 def test_tokenizer_travels_with_the_family_and_is_verified(tmp_path, tiny_family):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
