@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from served import AUTH, PROMPTS, TOKEN, open_session, stub_channel
 
 from cloud.engine import EngineLimits
 from cloud.server import ServerConfig
@@ -25,47 +26,6 @@ from flow.v1 import tier_pb2, tier_pb2_grpc
 from flow.wire import rows_to_tensor
 from greedy import check_drafts_were_accepted_and_rejected, check_same_greedy, check_speculative, greedy
 from runs import start_flow_serve
-
-PROMPTS = [[17, 3, 250, 9], [5], [100, 101, 102, 103, 104, 105, 106, 107], [42, 7, 42, 7, 42]]
-TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="module", params=[0, 2], ids=["in-process", "2-workers"])
-def workers(request) -> int:
-    """Engine worker processes of every tier served here: 0 runs the engine in the server's
-    process (`InProcessEngineClient`), 2 in worker processes (`MultiprocessEngineClient`)."""
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def server(device_family, workers):
-    """A served family with authentication, at a free port."""
-    family_dir, family = device_family
-    spec = TierSpec(family_dir, 0, EngineLimits(max_sessions=8, max_rows_per_request=64),
-                    ServerConfig(port=0, tokens=(TOKEN,)), workers=workers)
-    with ServerThread(spec, family) as address:
-        yield address
-
-
-@pytest.fixture
-def stub(server):
-    channel = grpc.insecure_channel(server)
-    stub = tier_pb2_grpc.TierStub(channel)
-    stub.channel = channel
-    yield stub
-    channel.close()
-
-
-def stub_channel(stub) -> grpc.Channel:
-    return stub.channel
-
-
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
-
-
-def open_session(stub, family, from_exit=0):
-    return stub.OpenSession(tier_pb2.OpenSessionRequest(family_hash=family.family_hash(),
-                                                        from_exit=from_exit), metadata=AUTH)
 
 
 @pytest.mark.parametrize("mode, options", [("exit", {"threshold": 1.5}), ("cloud", {})])
@@ -157,82 +117,6 @@ def test_the_client_reads_every_refusal_as_its_protocol_error(device_family, nar
     if streaming:  # closing the session ended its stream: the tier finished it, OK
         assert stream.call.code() == grpc.StatusCode.OK
     tier.close()
-
-
-def test_a_stream_answers_each_request_as_continue_would_and_a_refusal_ends_it(device_family,
-                                                                               stub):
-    """Catches: stream answers out of order or for the wrong request, a refusal that does not
-    end the stream with Continue's status and trailers, a message after a refusal that is still
-    served, a refused message that moves the session, and a stream the guard lets through
-    without a token or with bytes that are not a ContinueRequest."""
-    family = device_family[1]
-    prompt = PROMPTS[2]
-    expected = greedy(family, 2, prompt, 4)
-    rows = family.handoff(prompt + expected, exit=0)[0].numpy()
-    session_id = open_session(stub, family).session_id
-    n = len(prompt)
-
-    def request(start: int, end: int) -> tier_pb2.ContinueRequest:
-        return tier_pb2.ContinueRequest(session_id=session_id, start=start,
-                                        hidden=rows_to_tensor(rows[start:end], "fp32"))
-
-    answers = list(stub.ContinueStream(iter([request(0, n), request(n, n + 1),
-                                             request(n + 1, n + 2)]), metadata=AUTH))
-    assert [list(a.tokens) for a in answers] == [[t] for t in expected[:3]]
-    assert [a.frontier for a in answers] == [n, n + 1, n + 2]
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.ContinueStream(iter([request(0, 1), request(n + 2, n + 3)]), metadata=AUTH))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert dict(caught.value.trailing_metadata())[FRONTIER_KEY] == str(n + 2)
-    # the message after the refusal was not served: the session is still at n + 2
-    answers = list(stub.ContinueStream(iter([request(n + 2, n + 3)]), metadata=AUTH))
-    assert list(answers[0].tokens) == [expected[3]] and answers[0].frontier == n + 3
-
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.ContinueStream(iter([request(n + 3, n + 4)])))
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    raw = stub_channel(stub).stream_stream("/flow.v1.Tier/ContinueStream")
-    with pytest.raises(grpc.RpcError) as caught:
-        list(raw(iter([b"\xff\xff\xff"]), metadata=AUTH))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-
-
-class UnaryOnlyTier(tier_pb2_grpc.TierServicer):
-    """Test double of a tier without `ContinueStream` (it answers UNIMPLEMENTED, as gRPC does
-    for a method a server does not know): forwards the unary session methods to `address`."""
-
-    def __init__(self, address: str):
-        self.stub = tier_pb2_grpc.TierStub(grpc.insecure_channel(address))
-
-    def OpenSession(self, request, context):
-        return self.stub.OpenSession(request, metadata=AUTH)
-
-    def Continue(self, request, context):
-        return self.stub.Continue(request, metadata=AUTH)
-
-    def CloseSession(self, request, context):
-        return self.stub.CloseSession(request, metadata=AUTH)
-
-
-def test_a_client_falls_back_to_a_call_each_on_a_tier_without_streams(device_family, server):
-    """Catches: a device that cannot use a tier without `ContinueStream` (UNIMPLEMENTED read
-    as an error, or the first request lost in the fallback)."""
-    from concurrent import futures
-
-    family_dir, family = device_family
-    proxy = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    tier_pb2_grpc.add_TierServicer_to_server(UnaryOnlyTier(server), proxy)
-    port = proxy.add_insecure_port("127.0.0.1:0")
-    proxy.start()
-    try:
-        tier = GrpcTier(f"127.0.0.1:{port}")
-        client = DeviceClient(family_dir, exit=0, cloud=tier, mode="exit", threshold=1.5)
-        result = client.complete(PROMPTS[0], max_new_tokens=6, ignore_eos=True)
-        assert not any(result.offline)
-        assert result.tokens == greedy(family, 2, PROMPTS[0], 6)
-        assert tier.streaming is False
-    finally:
-        proxy.stop(None)
 
 
 @pytest.mark.parametrize("mode, options", [("exit", {"threshold": 1.5}),
