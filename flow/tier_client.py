@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -94,30 +95,29 @@ class GrpcTier:
     def generate(self, token_ids: list[int], max_new_tokens: int,
                  sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] = (),
                  family_hash: str = "") -> Iterator[int]:
+        """The tokens the tier generates after `token_ids`, as they come. Each is awaited at most
+        `timeout` seconds, in the caller's thread (the tier's watchdog cancels a call left
+        waiting): `TierUnavailable` after that. A caller that stops iterating early cancels the
+        call, so the tier stops generating."""
         request = tier_pb2.GenerateRequest(
             family_hash=family_hash, token_ids=token_ids, max_new_tokens=max_new_tokens,
             stop_ids=list(stop_ids), sampling=(sampling or SamplingParams()).to_pb())
-        call = self.stub.Generate(request, timeout=self.timeout * max(1, max_new_tokens),
-                                  metadata=self._metadata)
-        # gRPC's blocking iterator takes no per-message deadline: a thread reads the stream and
-        # the caller waits for each message at most `timeout` seconds.
-        messages: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=_read_stream, args=(call, messages), daemon=True,
-                         name="flow-generate-stream").start()
+        stream = _GenerateStream(self.stub.Generate(
+            request, timeout=self.timeout * max(1, max_new_tokens), metadata=self._metadata))
         try:
             while True:
                 try:
-                    kind, value = messages.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise TierUnavailable(f"next tier unavailable: no token from {self.address} "
-                                          f"for {self.timeout:g} s") from None
-                if kind == "end":
+                    message = self.watchdog.next_message(stream, self.timeout)
+                except StopIteration:
                     return
-                if kind == "error":
-                    raise translate(value) from None
-                yield value
+                except grpc.RpcError as err:
+                    if stream.overdue:
+                        raise TierUnavailable(f"next tier unavailable: no token from {self.address} "
+                                              f"for {self.timeout:g} s") from None
+                    raise translate(err) from None
+                yield message.token
         finally:
-            call.cancel()  # a no-op once the stream ended; else the tier stops generating
+            stream.call.cancel()  # a no-op once the stream ended; else the tier stops generating
 
     def close(self) -> None:
         for stream in list(self._streams):  # gRPC's threads sending their requests end too
@@ -125,42 +125,44 @@ class GrpcTier:
         self.channel.close()
 
 
-def _read_stream(call, messages: queue.SimpleQueue) -> None:
-    """Put each token of a Generate stream on `messages`, then ("end", None) or ("error", err)."""
-    try:
-        for message in call:
-            messages.put(("token", message.token))
-        messages.put(("end", None))
-    except grpc.RpcError as err:
-        messages.put(("error", err))
-
-
 _END = object()  # ends a ContinueStream's requests
 
 
+class _Watched(Protocol):
+    """A stream a `_Watchdog` watches: its gRPC `call`, and `overdue`, which the watchdog sets
+    before it cancels the call."""
+
+    call: grpc.Call
+    overdue: bool
+
+
 class _Watchdog:
-    """Cancels the streams whose answer is overdue: gRPC's blocking iterator takes no deadline per
-    message. One thread per tier, asleep while no answer is awaited, else looking every `tick`
-    seconds (so a stream is cancelled at most `tick` after its deadline)."""
+    """Cancels the streams whose next message is overdue: gRPC's blocking iterator takes no
+    deadline per message. One thread per tier, asleep while no message is awaited, else looking
+    every `tick` seconds (so a stream is cancelled at most `tick` after its deadline)."""
 
     def __init__(self, tick: float):
         self.tick = tick
         self._lock = threading.Lock()
-        self._due: dict[int, tuple[float, _ContinueStream]] = {}
+        self._due: dict[int, tuple[float, _Watched]] = {}
         self._awaited = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def watch(self, stream: _ContinueStream, seconds: float) -> None:
+    def next_message(self, stream: _Watched, seconds: float):
+        """The next message of `stream.call`, awaited in the caller's thread. When none came
+        within `seconds` the call is cancelled (its `grpc.RpcError` raises here) after
+        `stream.overdue` was set; `StopIteration` when the stream ended."""
         with self._lock:
             self._due[id(stream)] = (time.monotonic() + seconds, stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="flow-watchdog")
                 self._thread.start()
         self._awaited.set()
-
-    def forget(self, stream: _ContinueStream) -> None:
-        with self._lock:
-            self._due.pop(id(stream), None)
+        try:
+            return next(stream.call)
+        finally:
+            with self._lock:
+                self._due.pop(id(stream), None)
 
     def _run(self) -> None:
         while True:
@@ -176,6 +178,14 @@ class _Watchdog:
             for stream in overdue:
                 stream.overdue = True
                 stream.call.cancel()
+
+
+class _GenerateStream:
+    """A Generate call as the tier's watchdog watches it (`_Watched`)."""
+
+    def __init__(self, call):
+        self.call = call
+        self.overdue = False
 
 
 class _ContinueStream:
@@ -197,9 +207,8 @@ class _ContinueStream:
         stream is cancelled, so the tier drops the request) or the tier ended the stream, the
         call's `grpc.RpcError` when it failed."""
         self._requests.put(request)
-        self.watchdog.watch(self, self.timeout)
         try:
-            answer = next(self.call)
+            answer = self.watchdog.next_message(self, self.timeout)
         except StopIteration:
             raise TierUnavailable(f"next tier unavailable: {self.address} ended the stream "
                                   f"without answering") from None
@@ -208,8 +217,6 @@ class _ContinueStream:
                 raise TierUnavailable(f"next tier unavailable: no answer from {self.address} "
                                       f"for {self.timeout:g} s") from None
             raise
-        finally:
-            self.watchdog.forget(self)
         self.answered += 1
         return answer
 

@@ -1,5 +1,9 @@
 """`ContinueStream` on a real server: answers in order as `Continue` would, refusals that end the
-stream, and a client's fallback to a call each on a tier without it (fixtures: conftest.py)."""
+stream, and a client's fallback to a call each on a tier without it (fixtures: conftest.py); a
+Generate its caller stops reading is cancelled."""
+
+import threading
+import time
 
 import grpc
 import pytest
@@ -87,3 +91,43 @@ def test_a_client_falls_back_to_a_call_each_on_a_tier_without_streams(device_fam
         assert tier.streaming is False
     finally:
         proxy.stop(None)
+
+
+class EndlessTier(tier_pb2_grpc.TierServicer):
+    """Test double of a tier whose Generate goes on until its caller cancels it (it ignores
+    `max_new_tokens`): tokens 0, 1, 2, ...; `ended` is set when the call is over."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+
+    def Generate(self, request, context):
+        context.add_callback(self.ended.set)
+        token = 0
+        while context.is_active():
+            yield tier_pb2.GenerateResponse(token=token)
+            token += 1
+            time.sleep(0.01)
+
+
+def test_a_generate_its_caller_stops_reading_is_cancelled():
+    """Catches: a Generate left running on the tier after its caller stopped reading it (a
+    device that has its tokens, or gave up, keeps the tier generating until the call's
+    deadline)."""
+    from concurrent import futures
+
+    endless = EndlessTier()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    tier_pb2_grpc.add_TierServicer_to_server(endless, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tier = GrpcTier(f"127.0.0.1:{port}", timeout=5.0)
+    try:
+        stream = tier.generate([1, 2, 3], max_new_tokens=1000)
+        tokens = [next(stream) for _ in range(3)]
+        assert not endless.ended.is_set()
+        stream.close()
+        assert endless.ended.wait(5), "the call still runs on the tier"
+    finally:
+        tier.close()
+        server.stop(None)
+    assert tokens == [0, 1, 2]

@@ -1,7 +1,8 @@
 """A tier that freezes costs its caller one message deadline: a `cloud`-mode device falls back to
-its member after it, not after a deadline that grows with the generation's length, and a request
-on a session's open `ContinueStream` fails after it."""
+its member after it, not after a deadline that grows with the generation's length, and a Generate
+waiting for its next token or a request on a session's open `ContinueStream` fails after it."""
 
+import re
 import signal
 import time
 
@@ -33,6 +34,28 @@ def test_a_frozen_tier_costs_a_cloud_mode_client_one_message_deadline(device_fam
         process.wait(10)
     assert elapsed < 10, elapsed
     assert all(result.offline) and result.tokens == greedy(family, 0, PROMPT, 40)
+
+
+def test_a_frozen_tier_costs_a_generate_one_token_deadline(device_family):
+    """Catches: a Generate waiting for its next token for as long as the tier is frozen (gRPC's
+    stream iterator has no deadline per message), or giving up before its deadline."""
+    family_dir, family = device_family
+    process, address = start_flow_serve(family_dir)
+    tier = GrpcTier(address, timeout=2.0)
+    try:
+        served = list(tier.generate(PROMPT, 3, family_hash=family.family_hash()))  # connected
+        process.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        with pytest.raises(TierUnavailable, match=re.escape(f"no token from {address} for 2 s")):
+            list(tier.generate(PROMPT, 40, family_hash=family.family_hash()))
+        elapsed = time.monotonic() - began
+    finally:
+        process.send_signal(signal.SIGCONT)
+        tier.close()
+        process.kill()
+        process.wait(10)
+    assert 2 <= elapsed < 5, elapsed
+    assert served == greedy(family, family.config.last_exit, PROMPT, 3)
 
 
 def test_a_frozen_tier_costs_a_request_on_an_open_stream_one_deadline(device_family):
