@@ -75,7 +75,7 @@ def evaluate(family, windows, batch: int = 4) -> dict:
         "agreement": agree[k] / count,
         "heldout_ce": nll[k] / count,
         "member_parameters": config.member_parameters(k),
-        "member_parameters_head_tied": config.member_parameters(k) - config.vocab_size * config.hidden_size,
+        "member_parameters_head_tied": config.member_parameters(k, head_is_embedding=True),
     } for k in range(last + 1)], "tokens": count}
 
 

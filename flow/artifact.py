@@ -19,7 +19,8 @@ import hashlib
 import json
 import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,20 +105,42 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def digest_safetensors(path: Path) -> str:
-    """The weights hash of a safetensors file, read through mmap without torch."""
+@contextmanager
+def mapped_tensors(path: Path) -> Iterator[dict[str, tuple[str, tuple[int, ...], memoryview]]]:
+    """Every tensor of a safetensors file as (dtype, shape, bytes), the bytes zero-copy windows
+    into the file mapped in memory (valid inside the `with` only), without torch."""
     header = read_safetensors_header(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         start = 8 + struct.unpack("<Q", data[:8])[0]
-        with memoryview(data) as view:  # slices of it are zero-copy windows into the file
-            entries = []
-            for name, info in header.items():
-                begin, end = info["data_offsets"]
-                entries.append((name, info["dtype"], tuple(info["shape"]), view[start + begin:start + end]))
-            digest = digest_tensors(entries)
-            for entry in entries:
-                entry[3].release()
-            return digest
+        with memoryview(data) as view:
+            tensors = {name: (info["dtype"], tuple(info["shape"]),
+                              view[start + info["data_offsets"][0]:start + info["data_offsets"][1]])
+                       for name, info in header.items()}
+            try:
+                yield tensors
+            finally:
+                for _, _, window in tensors.values():
+                    window.release()
+
+
+def digest_safetensors(path: Path) -> str:
+    """The weights hash of a safetensors file, read through mmap without torch."""
+    with mapped_tensors(path) as tensors:
+        return digest_tensors([(name, *tensor) for name, tensor in tensors.items()])
+
+
+def heads_equal_to_embedding(path: Path, num_exits: int) -> list[bool]:
+    """Per exit, whether its LM head in the weights file `path` is bit for bit the embedding.
+
+    A family stores every head as a tensor of its own, even when its source tied them
+    (`flow.backbone` copies the embedding into each exit, and training may move some heads while
+    frozen ones stay equal), so neither shared storage nor a config flag tells. The device
+    exporter writes one tensor for both exactly when they are equal (`flow.onnx_export`), and
+    this is the same test on the stored bytes.
+    """
+    with mapped_tensors(path) as tensors:
+        embedding = tensors["embed.weight"]
+        return [tensors[f"exits.{k}.head.weight"] == embedding for k in range(num_exits)]
 
 
 # ---- the manifest (family.json) -----------------------------------------------------------------

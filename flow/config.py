@@ -119,9 +119,10 @@ class FamilyConfig:
         mlp = 3 * h * self.intermediate_size
         return attention + mlp + 2 * h
 
-    def member_parameters(self, exit: int) -> int:
-        """Parameters member `exit` runs: embedding, its blocks and its exit branch."""
-        head = self.hidden_size + self.vocab_size * self.hidden_size
+    def member_parameters(self, exit: int, head_is_embedding: bool = False) -> int:
+        """Parameters member `exit` runs: embedding, its blocks and its exit branch (its LM head
+        counted once with the embedding when `head_is_embedding`: one tensor on the device)."""
+        head = self.hidden_size + (0 if head_is_embedding else self.vocab_size * self.hidden_size)
         branch = head if self.is_final_exit(exit) else head + self.block_parameters()
         return (self.vocab_size * self.hidden_size
                 + (self.exit_layer(exit) + 1) * self.block_parameters() + branch)

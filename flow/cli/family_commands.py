@@ -195,14 +195,16 @@ def run_export_hf(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from flow.artifact import MEMBERS_DIR, WEIGHTS_FILE, read_manifest
+    from flow.artifact import MEMBERS_DIR, WEIGHTS_FILE, heads_equal_to_embedding, read_manifest
 
     # A device's copy of a family carries family.json, tokenizer.json and its members only.
     device_copy = (args.family / "family.json").is_file() and not (args.family / WEIGHTS_FILE).is_file()
     manifest = read_manifest(args.family, verify=not device_copy, weights=not device_copy)
     config = manifest.config
+    tied = ([None] * config.num_exits if device_copy
+            else heads_equal_to_embedding(args.family / WEIGHTS_FILE, config.num_exits))
     members = [{"exit": k, "exit_layer": layer, "layers": config.member_num_layers(k),
-                "parameters": config.member_parameters(k),
+                "parameters": config.member_parameters(k, bool(tied[k])), "head_is_embedding": tied[k],
                 "device_parts": sorted(p.name for p in (args.family / MEMBERS_DIR / str(k)).glob("*.onnx")),
                 "sha256": manifest.members.get(str(k), {})}
                for k, layer in enumerate(config.exits)]
@@ -228,6 +230,12 @@ def run_info(args: argparse.Namespace) -> None:
                           else f"{part} (no recorded hash)" for part in m["device_parts"]) or "-"
         print(f"           {m['exit']:4d}  {m['exit_layer']:11d}  {m['layers']:6d}  "
               f"{m['parameters']:11,d}  {parts}")
+    if device_copy:
+        print(f"           (parameters count each head as its own tensor: whether a head is the "
+              f"embedding is read from {WEIGHTS_FILE}, not in this copy)")
+    elif any(tied):
+        print(f"           (members {', '.join(str(k) for k, same in enumerate(tied) if same)}: the "
+              f"head equals the embedding, one tensor in the device graph, counted once)")
 
 
 def describe_provenance(provenance: dict) -> str:

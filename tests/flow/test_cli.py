@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import random_qwen3_checkpoint, tiny_config
+from builders import random_llama_checkpoint, random_qwen3_checkpoint, tiny_config
 from flow import Family
 from flow.cli.main import build_parser
 from runs import flow
@@ -39,6 +39,35 @@ def test_new_info_export_round_trip(tmp_path):
     hf = Qwen3ForCausalLM.from_pretrained(tmp_path / "m1", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (hf(ids).logits - family.logits(ids, exit=1)).abs().max() <= 1e-4
+
+
+def test_info_counts_a_head_equal_to_the_embedding_once(tmp_path):
+    """Catches: a member whose head is still the tied embedding (SmolLM2's, as exit tuning with
+    frozen heads leaves them) counted with the vocabulary matrix twice, overstating its size by
+    vocab x hidden (28 M of SmolLM2's 135 M); checked against transformers' own count of the same
+    model, whose `parameters()` holds a tied tensor once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = random_llama_checkpoint(tmp_path / "llama", tie=True, num_hidden_layers=4)
+    family = Family.from_hf(src, exits=[0, 1])  # exits after layers 0, 1 and 3
+    with torch.no_grad():  # exit 1's head trained away from the embedding; 0 and 2 stay tied
+        family.model.exits[1].head.weight.add_(0.01)
+    family.save(tmp_path / "fam")
+
+    def transformers_count(layers: int, tied: bool) -> int:
+        config = AutoConfig.from_pretrained(src, num_hidden_layers=layers, tie_word_embeddings=tied)
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+    members = json.loads(flow("info", tmp_path / "fam", "--json").stdout)["members"]
+    assert [m["parameters"] for m in members] == [
+        transformers_count(2, tied=True), transformers_count(3, tied=False), transformers_count(4, tied=True)]
+    assert [m["head_is_embedding"] for m in members] == [True, False, True]
+    assert "members 0, 2: the head equals the embedding" in flow("info", tmp_path / "fam").stdout
+
+    (tmp_path / "fam" / "weights.safetensors").unlink()  # a device's copy cannot tell: says so
+    members = json.loads(flow("info", tmp_path / "fam", "--json").stdout)["members"]
+    assert [m["head_is_embedding"] for m in members] == [None] * 3
+    assert "each head as its own tensor" in flow("info", tmp_path / "fam").stdout
 
 
 def test_import_hf_command(tmp_path):
