@@ -26,6 +26,10 @@ _COUNTERS = {"evictions": ("flow_engine_evictions", "idle sessions evicted for r
              "expired": ("flow_engine_expirations", "idle sessions expired"),
              "steps": ("flow_engine_steps", "engine steps"),
              "rows": ("flow_engine_rows", "rows run through the blocks"),
+             "forwards": ("flow_engine_forwards", "batched forwards through the blocks (a step "
+                          "runs one per kind and length class of its work)"),
+             "padding_rows": ("flow_engine_padding_rows",
+                              "positions computed only to pad a forward's chunks to its longest"),
              "dropped_frames": ("flow_engine_dropped_frames",
                                 "malformed worker-channel messages dropped")}
 

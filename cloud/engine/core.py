@@ -10,7 +10,8 @@ cancelled, its session is closed, or the forward pass itself failed.
 Batching
     `step()` asks the scheduler (`cloud.engine.scheduler`) for this step's chunks, groups them by
     the block they start at (after exit k: block `exits[k]+1`; generate: the embedding, then
-    block 0), and runs each group as ONE forward of shape `(chunks, longest chunk, hidden)`
+    block 0) and by length (`forwards`: a long prompt does not pad every decode row to its
+    length), and runs each group as ONE forward of shape `(chunks, longest chunk, hidden)`
     through its blocks with per-token positions. Each layer's cache in that forward is the KV
     pool (`cloud.engine.kv_pool`) seen through the batch's slots: the new keys and values are
     scattered to (slot, position), then each row's slot is gathered (up to the furthest position
@@ -46,7 +47,7 @@ from torch import Tensor
 from cloud.engine.config import EngineConfig, EngineLimits
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.requests import Chunk, ContinueJob, GenerateJob, Session, Work
-from cloud.engine.scheduler import Scheduler, SingleRowsFirst
+from cloud.engine.scheduler import Scheduler, SingleRowsFirst, forwards
 from cloud.engine.stages import StageTimes
 from flow.confidence import DEFAULT_POLICY, ExitPolicy
 from flow.errors import ConfigError
@@ -103,7 +104,7 @@ class Engine:
                            self.device, self.dtype, clock)
         self.context = self.pool.context  # positions per session
         self._pending: dict[str, Session] = {}  # sessions with a job, in arrival order
-        self._counts = dict(steps=0, rows=0)
+        self._counts = dict(steps=0, rows=0, forwards=0, padding_rows=0)
         self._stages = StageTimes(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self._last_batch: dict[str, Any] = dict(rows=0, chunks=[])
 
@@ -217,11 +218,9 @@ class Engine:
         """Run one batch of everyone's pending work; returns the real rows processed."""
         self._stages.start()
         chunks = self.scheduler.schedule(list(self._pending.values()), self.limits.max_batch_rows)
-        groups: dict[tuple[int, bool], list[Chunk]] = {}
-        for chunk in chunks:
-            groups.setdefault((chunk.session.first_layer, chunk.session.generating), []).append(chunk)
+        groups = list(forwards(chunks))
         self._stages.lap("schedule")
-        for (first, generating), group in sorted(groups.items()):
+        for first, generating, group in groups:
             try:
                 self._run_group(first, generating, group)
             except Exception as err:  # noqa: BLE001 - a failed forward answers its requests, not the engine
@@ -233,6 +232,9 @@ class Engine:
         if chunks:
             self._counts["steps"] += 1
             self._counts["rows"] += rows
+            self._counts["forwards"] += len(groups)
+            self._counts["padding_rows"] += sum(
+                len(group) * max(c.length for c in group) for _, _, group in groups) - rows
             self._last_batch = dict(rows=rows, chunks=[
                 dict(first_block=c.session.first_layer, rows=c.length,
                      kind="generate" if c.session.generating else "continue") for c in chunks])

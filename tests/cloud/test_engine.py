@@ -191,6 +191,55 @@ def test_16_decode_steps_take_one_step_and_match_one_at_a_time(family):
         np.testing.assert_allclose(one.top_k[0].logits, other.top_k[0].logits, atol=1e-4)
 
 
+def test_a_long_catch_up_does_not_pad_the_decode_rows_of_its_step(family):
+    """Catches: every chunk of a step padded to its longest, so that one 24-row catch-up made 8
+    single-row decode steps compute 8 x 24 positions (and a serving engine under arrivals paid a
+    prompt's width on every decode row)."""
+    engine = Engine(family, limits=EngineLimits(max_sessions=9))
+    prompts = [prompt_of(4 + i, seed=400 + i) for i in range(8)]
+    sessions = [engine.open_session("o", 1)[0] for _ in prompts]
+    for session, prompt in zip(sessions, prompts, strict=True):
+        answer(engine, session, "o", 0, handoff_rows(family, prompt, 1))
+    late = prompt_of(24, seed=420)
+    late_session, _ = engine.open_session("o", 1)
+    before = engine.stats()
+    works = [engine.submit_continue(s, "o", len(p), handoff_rows(family, p + [7], 1)[-1:])
+             for s, p in zip(sessions, prompts, strict=True)]
+    catch_up = engine.submit_continue(late_session, "o", 0, handoff_rows(family, late, 1), return_all=True)
+    assert engine.step() == 8 + 24 and not engine.has_work()
+    after = engine.stats()
+    assert after["forwards"] - before["forwards"] == 2  # the single rows, then the catch-up
+    assert after["padding_rows"] - before["padding_rows"] == 0
+    assert_argmax(family.logits(late, exit=LAST)[0], catch_up.result.tokens)
+    for work, prompt in zip(works, prompts, strict=True):
+        assert_argmax(family.logits(prompt + [7], exit=LAST)[0][-1:], work.result.tokens)
+
+
+def test_a_forward_pads_at_most_twice_its_real_rows():
+    """The grouping rule itself: shortest first, a new forward when the next chunk would more than
+    double the positions computed per real row; every chunk in exactly one forward."""
+    from cloud.engine.requests import Chunk
+    from cloud.engine.scheduler import MAX_PADDING_FACTOR, forwards
+
+    class Session:
+        def __init__(self, first_layer, generating):
+            self.first_layer, self.generating = first_layer, generating
+
+    continuing, generating = Session(2, False), Session(0, True)
+    lengths = [1] * 12 + [3, 4, 4, 5, 9, 30, 31, 64]
+    chunks = [Chunk(continuing, n, final=True) for n in lengths] + [Chunk(generating, 17, final=True)]
+    groups = list(forwards(chunks))
+    assert sorted(id(c) for _, _, g in groups for c in g) == sorted(map(id, chunks))
+    assert [(first, gen, [c.length for c in g]) for first, gen, g in groups] == [
+        (0, True, [17]),
+        (2, False, [1] * 12),         # adding the 3: 13 x 3 = 39 > 2 x 15 positions
+        (2, False, [3, 4, 4, 5, 9]),  # 5 x 9 = 45 <= 2 x 25; adding the 30: 6 x 30 > 2 x 55
+        (2, False, [30, 31, 64])]     # 3 x 64 = 192 <= 2 x 125
+    for _, _, group in groups:
+        real = sum(c.length for c in group)
+        assert len(group) * max(c.length for c in group) <= MAX_PADDING_FACTOR * real
+
+
 def test_requests_longer_than_a_step_are_split_across_steps(family):
     engine = Engine(family, limits=EngineLimits(max_sessions=4, max_batch_rows=8))
     tokens = prompt_of(40, seed=7)
