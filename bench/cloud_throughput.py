@@ -39,6 +39,8 @@ request per row, the next sent only after the answer (the exit-mode pattern of a
 Where an engine step's time goes: the batched decode phase's seconds per stage (schedule, inputs,
 blocks, head, answers; `Engine.stats()["stage_seconds"]`) at each C.
 
+Requests of mixed lengths arriving over time, against a static batch: bench/serving.py.
+
     python bench/cloud_throughput.py              # default sizes, about 4-6 minutes on 2 cores
     python bench/cloud_throughput.py --quick      # tiny family, under a minute: checks the script
     python bench/cloud_throughput.py --concurrency 1 8 32 --grpc-workers 0
@@ -57,8 +59,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, RESULTS, save_figure, transformers_model, write_json
-from throughput_arrivals import arrivals
+from common import REPO, RESULTS, parse_with_quick, save_figure, transformers_model, write_json
 from throughput_engine import engine_level, engine_reference_tokens
 from throughput_generation import generation
 from throughput_grpc import A_CALL_EACH, FRONT_END_ALONE, grpc_level, serve_child, server_process
@@ -67,8 +68,7 @@ NAME = "cloud_throughput"
 TARGET_RATIO, TARGET_AT = 4.0, 32  # the target: batched >= 4x one at a time at 32 sessions
 # --quick replaces these defaults (explicit flags still win).
 QUICK = dict(preset="tiny", concurrency=[1, 4, 32], grpc_concurrency=[1, 4], prompt=8, steps=4,
-             grpc_steps=4, rounds=2, gen_prompt=8, gen_tokens=8, gen_batch=4, gen_rounds=2,
-             arrive_requests=8, arrive_rounds=1)
+             grpc_steps=4, rounds=2, gen_prompt=8, gen_tokens=8, gen_batch=4, gen_rounds=2)
 
 
 # ---- arguments ------------------------------------------------------------------------------
@@ -111,23 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gen-batch", type=int, default=8, help="concurrent generations (default: %(default)s)")
     parser.add_argument("--gen-rounds", type=int, default=5,
                         help="timed generation rounds (after one warm-up) (default: %(default)s)")
-    parser.add_argument("--arrive-requests", type=int, default=32,
-                        help="serving level: requests of mixed lengths (default: %(default)s)")
-    parser.add_argument("--arrive-span", type=float, default=0.5,
-                        help="serving level: arrivals spread over this fraction of the engine's time to "
-                             "serve every request at once (default: %(default)s)")
-    parser.add_argument("--arrive-rounds", type=int, default=3,
-                        help="serving level: rounds per runner and schedule, median taken (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny family and few steps (< 60 s)")
     parser.add_argument("--name", default=NAME, help="results file name under bench/results (default: %(default)s)")
     parser.add_argument("--serve-spec", help=argparse.SUPPRESS)  # internal: run as the server child
-    argv = sys.argv[1:] if argv is None else argv
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
-    for name in ("threads", "prompt", "steps", "grpc_steps", "rounds", "gen_prompt", "gen_tokens", "gen_batch", "gen_rounds",
-                 "arrive_requests", "arrive_rounds"):
+    args = parse_with_quick(parser, QUICK, argv)
+    for name in ("threads", "prompt", "steps", "grpc_steps", "rounds", "gen_prompt", "gen_tokens", "gen_batch",
+                 "gen_rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     cpus = sorted(os.sched_getaffinity(0))
@@ -137,8 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--cores split needs 2 cores or more and the clients in processes")
         args.server_cpus, args.client_cpus = cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]
         args.threads = len(args.server_cpus)
-    if args.arrive_span < 0:
-        parser.error("--arrive-span must be >= 0 (0: every request due at once)")
     if min(args.concurrency + args.grpc_concurrency) < 1 or min(args.grpc_workers) < 0:
         parser.error("concurrencies must be >= 1 and worker counts >= 0")
     return args
@@ -323,9 +311,6 @@ def main() -> None:
         print("\n== generation: engine vs transformers", flush=True)
         model = transformers_model(family, work)
         gen = generation(family, family_dir, model, args)
-        print(f"\n== serving: {args.arrive_requests} requests of mixed lengths, engine vs a static batch",
-              flush=True)
-        served = arrivals(family, model, args)
 
     # gRPC answers should be the engine's: compare each client's last-round tokens with the engine
     # reference (a one-at-a-time engine round on the same rows).
@@ -405,7 +390,7 @@ def main() -> None:
         },
         "clients_in": args.clients_in,
         "cores": {"mode": args.cores, "server": args.server_cpus, "clients": args.client_cpus},
-        "engine": engine_rows, "grpc": grpc, "generation": gen, "arrivals": served,
+        "engine": engine_rows, "grpc": grpc, "generation": gen,
         "wall_seconds": time.perf_counter() - started})
     save_figure(plot(engine_rows, grpc, gen, args), args.name)
     print(f"\nwrote {path} and {RESULTS / (args.name + '.png')} in {time.perf_counter() - started:.0f} s")
@@ -417,8 +402,7 @@ def main() -> None:
 
 def different_tokens(engine_rows: list[dict], grpc: dict, gen: dict) -> list[str]:
     """Every timed path whose greedy tokens are not all its reference's: batched against one at
-    a time, gRPC against the engine, the engine against transformers. (The static batch of the
-    serving part is left out: its left padding moves positions, so near ties may flip.)"""
+    a time, gRPC against the engine, the engine against transformers."""
     differing = [f"engine batched at {r['sessions']}: {r['token_agreement_batched_vs_one']:.3f}"
                  for r in engine_rows if r["token_agreement_batched_vs_one"] < 1]
     differing += [f"gRPC {label} at {r['clients']}: {r['token_agreement_vs_engine']:.3f}"

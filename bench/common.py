@@ -40,6 +40,16 @@ def save_figure(figure, name: str) -> Path:
     return path
 
 
+def parse_with_quick(parser: argparse.ArgumentParser, quick: dict,
+                     argv: list[str] | None = None) -> argparse.Namespace:
+    """`argv` (default: the command line) parsed; with --quick, `quick` replaces the defaults
+    (flags given explicitly still win)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**quick)
+    return parser.parse_args(argv)
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser, prompts: int, tokens: int = 32,
                              exit: int = 1) -> None:
     """The options of a benchmark that generates on a family's member from held-out code prompts:

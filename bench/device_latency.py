@@ -45,7 +45,7 @@ from pathlib import Path
 
 import common
 import numpy as np
-from common import RESULTS, save_figure, write_json
+from common import RESULTS, parse_with_quick, save_figure, write_json
 
 NAME = "device_latency"
 ORT_VARIANTS = {  # label -> (file, what it is)
@@ -85,10 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="keep the exported members here (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few tokens (< 60 s)")
     parser.add_argument("--name", default=NAME, help="results file name under bench/results (default: %(default)s)")
-    argv = sys.argv[1:] if argv is None else argv
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    args = parse_with_quick(parser, QUICK, argv)
     if args.exit is not None and args.preset is None:
         parser.error("--exit needs --preset")
     if args.preset is not None:

@@ -215,29 +215,37 @@ def cloud_throughput(data: dict) -> list[str]:
 
         lines += ["", "Where a batched decode step's time goes (share per engine stage):", "",
                   *table(["sessions", *stages], [[r["sessions"], *shares(r)] for r in staged])]
-    if "arrivals" in data:
-        lines += ["", *arrivals_lines(data["arrivals"])]
     return lines
 
 
-def arrivals_lines(served: dict) -> list[str]:
-    """The serving level: mixed-length requests, the engine against a static batch."""
-    prompts, outputs = served["prompt_tokens"], served["new_tokens"]
-    rows = []
-    for schedule, cell in served["schedules"].items():
-        engine, static = cell["engine"], cell["static_batch"]
-        rows.append([schedule.replace("_", " "), rate(engine["tokens_per_s"]), rate(static["tokens_per_s"]),
-                     times(cell["engine_over_static_batch"]),
-                     f"{ms(engine['latency']['p50_ms'])} / {ms(static['latency']['p50_ms'])}",
-                     f"{ms(engine['latency']['p99_ms'])} / {ms(static['latency']['p99_ms'])}",
-                     percent(cell["token_agreement_engine_vs_static_batch"])])
-    return [f"Serving {served['requests']} whole-model requests of {min(prompts)}–{max(prompts)} prompt and "
-            f"{min(outputs)}–{max(outputs)} new tokens: the engine against a static batch around "
-            f"`transformers`' generate (each call takes every request that has arrived, left-padded, "
-            f"and runs to its longest output). Arriving: Poisson arrivals over "
-            f"{served['arrival_span_s']:.3g} s.", "",
-            *table(["schedule", "engine tokens/s", "static batch tokens/s", "engine ÷ static",
-                    "to last token p50 ms, engine / static", "p99", "same tokens"], rows)]
+def serving(data: dict) -> list[str]:
+    """The engine against a static batch, on requests of mixed lengths, per spread of lengths."""
+    args = data["args"]
+    lines = [f"{args['requests']} requests, {args['slots']} at once on either side; prompt and output "
+             f"lengths log-normal around {args['prompt']} and {args['tokens']} tokens (the spread: the "
+             f"standard deviation of their logarithm). Arriving: Poisson arrivals over "
+             f"{args['arrive_span']:g} of the engine's time for all at once.", ""]
+    statics = {"generate": "`transformers`' generate on whatever has arrived, left-padded, to the "
+                           "batch's longest output",
+               "continue": "the same engine in batches whose finished rows run on until the batch's "
+                           "longest is done"}
+    for kind, by_spread in data["results"].items():
+        rows = []
+        for cell in by_spread.values():
+            outputs = cell["new_tokens"]
+            for schedule, result in cell["schedules"].items():
+                engine, static = result["engine"], result["static"]
+                rows.append([f"{cell['spread']:g}", f"{min(outputs)}–{max(outputs)} (mean {sum(outputs) / len(outputs):.0f})",
+                             schedule.replace("_", " "), rate(engine["tokens_per_s"]),
+                             rate(static["tokens_per_s"]), times(result["engine_over_static"]),
+                             f"{ms(engine['latency']['p50_ms'])} / {ms(static['latency']['p50_ms'])}",
+                             f"{ms(engine['latency']['p99_ms'])} / {ms(static['latency']['p99_ms'])}",
+                             percent(result["token_agreement"])])
+        lines += [f"**{kind}**: the static batch is {statics.get(kind, kind)}.", "",
+                  *table(["spread", "new tokens", "schedule", "engine tokens/s", "static tokens/s",
+                          "engine ÷ static", "to last token p50 ms, engine / static", "p99",
+                          "same tokens"], rows), ""]
+    return lines[:-1]
 
 
 def link_modes(data: dict) -> list[str]:
@@ -302,8 +310,8 @@ def device_install_size(data: dict) -> list[str]:
 
 FORMATTERS: dict[str, Callable[[dict], list[str]]] = {
     f.__name__: f for f in (family_vs_separate, train_throughput, exit_tuning, exit_distillation,
-                            device_latency, int8_cost, exit_tradeoff, cloud_throughput, link_modes,
-                            many_devices, soak, device_install_size)}  # by the script that wrote the JSON
+                            device_latency, int8_cost, exit_tradeoff, cloud_throughput, serving,
+                            link_modes, many_devices, soak, device_install_size)}  # by the script that wrote the JSON
 
 
 # --- the report --------------------------------------------------------------------------------
