@@ -91,20 +91,13 @@ def _continuous(engine, count: int, due: list[float], slots: int, admit,
     clock = _Clock(due)
     waiting: deque[int] = deque()
     done_at: dict[int, float] = {}
-    running = [0]
-
-    def finisher(index: int):
-        def done() -> None:
-            done_at[index] = clock.now()
-            running[0] -= 1
-        return done
-
+    admitted = 0
     while len(done_at) < count:
         clock.take_arrivals(waiting)
-        while waiting and running[0] < slots:
+        while waiting and admitted - len(done_at) < slots:
             index = waiting.popleft()
-            running[0] += 1
-            admit(index, finisher(index))
+            admitted += 1
+            admit(index, lambda index=index: done_at.__setitem__(index, clock.now()))
         if engine.has_work():
             engine.step()
             after_step()

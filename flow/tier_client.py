@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from typing import Protocol
 
 import grpc
 import numpy as np
@@ -102,22 +101,20 @@ class GrpcTier:
         request = tier_pb2.GenerateRequest(
             family_hash=family_hash, token_ids=token_ids, max_new_tokens=max_new_tokens,
             stop_ids=list(stop_ids), sampling=(sampling or SamplingParams()).to_pb())
-        stream = _GenerateStream(self.stub.Generate(
-            request, timeout=self.timeout * max(1, max_new_tokens), metadata=self._metadata))
+        call = self.stub.Generate(request, timeout=self.timeout * max(1, max_new_tokens),
+                                  metadata=self._metadata)
         try:
             while True:
                 try:
-                    message = self.watchdog.next_message(stream, self.timeout)
+                    message = self.watchdog.next_message(
+                        call, self.timeout, f"no token from {self.address} for {self.timeout:g} s")
                 except StopIteration:
                     return
                 except grpc.RpcError as err:
-                    if stream.overdue:
-                        raise TierUnavailable(f"next tier unavailable: no token from {self.address} "
-                                              f"for {self.timeout:g} s") from None
                     raise translate(err) from None
                 yield message.token
         finally:
-            stream.call.cancel()  # a no-op once the stream ended; else the tier stops generating
+            call.cancel()  # a no-op once the stream ended; else the tier stops generating
 
     def close(self) -> None:
         for stream in list(self._streams):  # gRPC's threads sending their requests end too
@@ -128,64 +125,56 @@ class GrpcTier:
 _END = object()  # ends a ContinueStream's requests
 
 
-class _Watched(Protocol):
-    """A stream a `_Watchdog` watches: its gRPC `call`, and `overdue`, which the watchdog sets
-    before it cancels the call."""
-
-    call: grpc.Call
-    overdue: bool
-
-
 class _Watchdog:
-    """Cancels the streams whose next message is overdue: gRPC's blocking iterator takes no
-    deadline per message. One thread per tier, asleep while no message is awaited, else looking
-    every `tick` seconds (so a stream is cancelled at most `tick` after its deadline)."""
+    """Cancels the calls whose next message is overdue: gRPC's blocking iterator takes no deadline
+    per message. One thread per tier, asleep while no message is awaited, else looking every
+    `tick` seconds (so a call is cancelled at most `tick` after its deadline)."""
 
     def __init__(self, tick: float):
         self.tick = tick
         self._lock = threading.Lock()
-        self._due: dict[int, tuple[float, _Watched]] = {}
+        self._due: dict[int, tuple[float, grpc.Call]] = {}  # by id(call): deadline, call
+        self._cancelled: set[int] = set()  # ids of the awaited calls this watchdog cancelled
         self._awaited = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def next_message(self, stream: _Watched, seconds: float):
-        """The next message of `stream.call`, awaited in the caller's thread. When none came
-        within `seconds` the call is cancelled (its `grpc.RpcError` raises here) after
-        `stream.overdue` was set; `StopIteration` when the stream ended."""
+    def next_message(self, call, seconds: float, overdue: str):
+        """The next message of the streaming `call`, awaited in the caller's thread;
+        `StopIteration` when the stream ended, the call's `grpc.RpcError` when it failed. When
+        none came within `seconds` the call is cancelled and `TierUnavailable` says `overdue`."""
+        key = id(call)
         with self._lock:
-            self._due[id(stream)] = (time.monotonic() + seconds, stream)
+            self._due[key] = (time.monotonic() + seconds, call)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="flow-watchdog")
                 self._thread.start()
         self._awaited.set()
         try:
-            return next(stream.call)
+            return next(call)
+        except grpc.RpcError:
+            with self._lock:
+                cancelled = key in self._cancelled
+            if cancelled:
+                raise TierUnavailable(f"next tier unavailable: {overdue}") from None
+            raise
         finally:
             with self._lock:
-                self._due.pop(id(stream), None)
+                self._due.pop(key, None)
+                self._cancelled.discard(key)
 
     def _run(self) -> None:
         while True:
             self._awaited.wait()
             time.sleep(self.tick)
             now = time.monotonic()
-            with self._lock:
-                overdue = [stream for due, stream in self._due.values() if due <= now]
-                for stream in overdue:
-                    del self._due[id(stream)]
+            with self._lock:  # a call whose wait ended meanwhile is out of _due: never cancelled
+                for key, (due, call) in list(self._due.items()):
+                    if due <= now:
+                        del self._due[key]
+                        self._cancelled.add(key)
+                        call.cancel()
                 if not self._due:
                     self._awaited.clear()
-            for stream in overdue:
-                stream.overdue = True
-                stream.call.cancel()
-
-
-class _GenerateStream:
-    """A Generate call as the tier's watchdog watches it (`_Watched`)."""
-
-    def __init__(self, call):
-        self.call = call
-        self.overdue = False
 
 
 class _ContinueStream:
@@ -199,7 +188,6 @@ class _ContinueStream:
         # gRPC sends what this iterator yields from a thread of its own, for as long as it yields
         self.call = tier.stub.ContinueStream(iter(self._requests.get, _END), metadata=tier._metadata)
         self.answered = 0
-        self.overdue = False
         tier._streams.add(self)
 
     def ask(self, request) -> tier_pb2.ContinueResponse:
@@ -208,15 +196,11 @@ class _ContinueStream:
         call's `grpc.RpcError` when it failed."""
         self._requests.put(request)
         try:
-            answer = self.watchdog.next_message(self, self.timeout)
+            answer = self.watchdog.next_message(
+                self.call, self.timeout, f"no answer from {self.address} for {self.timeout:g} s")
         except StopIteration:
             raise TierUnavailable(f"next tier unavailable: {self.address} ended the stream "
                                   f"without answering") from None
-        except grpc.RpcError:
-            if self.overdue:
-                raise TierUnavailable(f"next tier unavailable: no answer from {self.address} "
-                                      f"for {self.timeout:g} s") from None
-            raise
         self.answered += 1
         return answer
 
